@@ -1,0 +1,1 @@
+"""xaid server: explanations of ONNX models over gRPC, on onnxruntime."""

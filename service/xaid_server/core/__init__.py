@@ -1,0 +1,1 @@
+"""Transport-neutral request handling: validation, targets, deadlines, costs, metrics."""

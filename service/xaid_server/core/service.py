@@ -1,0 +1,250 @@
+"""Predict and Explain, independent of gRPC: run on a bounded thread pool off the event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+import numpy as np
+
+from xaid_server.core.inputs import ModelInput, model_input
+from xaid_server.core.requests import ExplainCall, ExplainResult, PredictCall, PredictResult
+from xaid_server.core.targets import label_of, resolve_target, target_scores, top_classes
+from xaid_server.errors import (
+    DeadlineExceeded,
+    FailedPrecondition,
+    InvalidArgument,
+    Unimplemented,
+)
+from xaid_server.explainers import REGISTRY
+from xaid_server.explainers.base import ExplainContext, Explainer
+from xaid_server.metrics import Metrics
+from xaid_server.preprocess import tensor_to_image
+from xaid_server.render import aggregate, heatmap_png
+from xaid_server.repository import ModelRepository
+from xaid_server.runtime.model import LoadedModel
+from xaid_server.runtime.runner import BatchRunner, Job
+from xaid_server.settings import Settings
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+MAX_TOP_K = 1000
+
+
+class Core:
+    def __init__(
+        self,
+        settings: Settings,
+        repository: ModelRepository,
+        metrics: Metrics,
+        executor: ThreadPoolExecutor,
+        known_methods: tuple[str, ...],
+    ) -> None:
+        self.settings = settings
+        self.repository = repository
+        self.metrics = metrics
+        self.executor = executor
+        self.runner = BatchRunner(settings.max_chunk_bytes)
+        self.known_methods = known_methods
+
+    def methods_for(self, model: LoadedModel) -> list[str]:
+        return [name for name, e in REGISTRY.items() if e.applicable(model) is None]
+
+    def _deadline(self, timeout: float | None) -> float:
+        limit = (
+            self.settings.max_deadline
+            if timeout is None
+            else min(timeout, self.settings.max_deadline)
+        )
+        return time.monotonic() + max(0.0, limit)
+
+    async def _run(self, kind: str, job: Job, work: Callable[[], T]) -> T:
+        """Run `work` on the pool; stop its chunks when the client goes away or time runs out."""
+        loop = asyncio.get_running_loop()
+        assert job.deadline is not None
+        timer = loop.call_later(max(0.0, job.deadline - time.monotonic()), job.cancel, "deadline")
+        self.metrics.inflight.labels(kind).inc()
+        try:
+            return await asyncio.shield(loop.run_in_executor(self.executor, work))
+        except asyncio.CancelledError:
+            job.cancel("client")
+            self.metrics.cancelled.labels(kind, "client").inc()
+            raise
+        except DeadlineExceeded:
+            self.metrics.cancelled.labels(kind, "deadline").inc()
+            raise
+        finally:
+            timer.cancel()
+            self.metrics.inflight.labels(kind).dec()
+
+    # ---- Predict ----
+
+    async def predict(self, call: PredictCall) -> PredictResult:
+        model = self.repository.get(call.model, call.version)
+        if not 0 <= call.top_k <= MAX_TOP_K:
+            raise InvalidArgument(f"top_k: must be in [0, {MAX_TOP_K}]", field="top_k")
+        began = time.perf_counter()
+        given = model_input(model, call.inputs, call.image)
+        self.metrics.inference_duration.labels(model.name, "preprocess").observe(
+            time.perf_counter() - began
+        )
+        job = Job(deadline=self._deadline(call.timeout))
+        queued = time.perf_counter()
+
+        def work() -> list[np.ndarray]:
+            self.metrics.inference_duration.labels(model.name, "queue").observe(
+                time.perf_counter() - queued
+            )
+            return self._forward(model, given, job, "predict")
+
+        outputs = await self._run("predict", job, work)
+        began = time.perf_counter()
+        names = [o.name for o in model.outputs]
+        top = []
+        if call.top_k > 0:
+            index = model.output_index("")
+            top = top_classes(model, outputs[index], names[index], call.top_k)
+        self.metrics.inference_duration.labels(model.name, "postprocess").observe(
+            time.perf_counter() - began
+        )
+        return PredictResult(model.name, model.version, list(zip(names, outputs, strict=True)), top)
+
+    def _forward(
+        self, model: LoadedModel, given: ModelInput, job: Job, method: str
+    ) -> list[np.ndarray]:
+        began = time.perf_counter()
+        outputs = self.runner.run(
+            model.session, given.feeds, job, max_batch=model.config.max_batch_size
+        )
+        self.metrics.inference_duration.labels(model.name, "compute").observe(
+            time.perf_counter() - began
+        )
+        self.metrics.batch_size.labels(model.name).observe(given.rows)
+        self.metrics.model_evaluations.labels(model.name, method).inc(given.rows)
+        return outputs
+
+    # ---- Explain ----
+
+    def explainer(self, method: str) -> Explainer[Any]:
+        if not method:
+            raise InvalidArgument(
+                f"method: choose one of {', '.join(self.known_methods)}", field="method"
+            )
+        explainer = REGISTRY.get(method)
+        if explainer is None:
+            if method in self.known_methods:
+                raise Unimplemented(
+                    f"method {method!r} is not available yet; available: {sorted(REGISTRY)}"
+                )
+            raise InvalidArgument(f"method: unknown method {method!r}", field="method")
+        return explainer
+
+    async def explain(self, call: ExplainCall) -> ExplainResult:
+        began = time.perf_counter()
+        model = self.repository.get(call.model, call.version)
+        explainer = self.explainer(call.method)
+        reason = explainer.applicable(model)
+        if reason is not None:
+            raise FailedPrecondition(f"{call.method} cannot explain model {model.name!r}: {reason}")
+        if call.evaluate:
+            raise Unimplemented("evaluate: faithfulness scores are not available yet")
+        given = model_input(model, call.inputs, call.image)
+        input_name = call.input or model.config.input
+        if input_name not in given.feeds:
+            raise InvalidArgument(
+                f"input: {input_name!r} is not an input of {model.name!r}", field="input"
+            )
+        x = given.feeds[input_name]
+        params = explainer.resolve(model, tuple(x.shape), call.parameters)
+        cost = given.rows + explainer.cost(params, tuple(x.shape))
+        if cost > self.settings.max_evaluations:
+            raise InvalidArgument(
+                f"{call.method}: the request needs {cost} model evaluations, over the server cap "
+                f"of {self.settings.max_evaluations}",
+                field=call.method,
+            )
+        seed = call.seed if call.seed is not None else secrets.randbits(63)
+        job = Job(deadline=self._deadline(call.timeout), progress=call.progress, total=cost)
+
+        def work() -> tuple[ExplainContext, list[np.ndarray]]:
+            outputs = self._forward(model, given, job, call.method)
+            target = resolve_target(model, outputs, call.target_output, call.target_class)
+            ctx = ExplainContext(
+                model=model,
+                input_name=input_name,
+                feeds=given.feeds,
+                target=target,
+                scores=target_scores(target, outputs),
+                runner=self.runner,
+                job=job,
+                rng=np.random.default_rng(seed),
+            )
+            return ctx, outputs
+
+        ctx, outputs = await self._run("explain", job, work)
+        before = job.evaluations
+        explanation = await self._run("explain", job, lambda: explainer.explain(ctx, params))
+        self.metrics.model_evaluations.labels(model.name, call.method).inc(job.evaluations - before)
+        heatmaps: list[bytes] = []
+        aggregation = ""
+        if call.render:
+            heatmaps, aggregation = self._render(
+                model, given, x, explanation.attribution, explainer.signed
+            )
+        total = time.perf_counter() - began
+        self.metrics.explain_duration.labels(model.name, call.method).observe(total)
+        classes = [int(c) for c in ctx.target.classes]
+        return ExplainResult(
+            model=model.name,
+            version=model.version,
+            method=call.method,
+            parameters=params,
+            attribution=explanation.attribution.astype(np.float32, copy=False),
+            prediction=list(zip([o.name for o in model.outputs], outputs, strict=True)),
+            target_output=ctx.target.output,
+            target_classes=classes,
+            target_labels=[label_of(model, c) for c in classes],
+            seed=seed,
+            model_evaluations=job.evaluations,
+            total_seconds=total,
+            compute_seconds=job.compute_seconds,
+            heatmaps=heatmaps,
+            aggregation=aggregation,
+            convergence_delta=[]
+            if explanation.convergence_delta is None
+            else [float(d) for d in explanation.convergence_delta],
+            segments=explanation.segments,
+        )
+
+    def _render(
+        self,
+        model: LoadedModel,
+        given: ModelInput,
+        x: np.ndarray,
+        attribution: np.ndarray,
+        signed: bool,
+    ) -> tuple[list[bytes], str]:
+        if x.ndim != 4 or model.config.image is None:
+            raise FailedPrecondition(
+                f"render: heatmaps need an image-like input; {model.name!r} takes shape "
+                f"{list(x.shape)}",
+                field="render",
+            )
+        layout = model.config.image.layout
+        images: list[bytes] = []
+        how = ""
+        for row in range(x.shape[0]):
+            map2d, how = aggregate(attribution[row], layout)
+            background = (
+                given.image
+                if given.image is not None
+                else tensor_to_image(x[row], model.config.image, layout)
+            )
+            images.append(heatmap_png(map2d, background, signed=None if signed else False))
+        return images, how

@@ -1,0 +1,22 @@
+"""The method registry: every explanation method registered once, by name."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from xaid_server.explainers.base import Explainer
+from xaid_server.explainers.occlusion import OcclusionExplainer
+
+EXPLAINERS: tuple[Explainer[Any], ...] = (OcclusionExplainer(),)
+
+
+def _index(explainers: tuple[Explainer[Any], ...]) -> dict[str, Explainer[Any]]:
+    index: dict[str, Explainer[Any]] = {}
+    for explainer in explainers:
+        if explainer.name in index:
+            raise RuntimeError(f"explanation method {explainer.name!r} registered twice")
+        index[explainer.name] = explainer
+    return index
+
+
+REGISTRY: dict[str, Explainer[Any]] = _index(EXPLAINERS)

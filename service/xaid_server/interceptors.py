@@ -1,0 +1,175 @@
+"""gRPC interceptors: errors mapped to status codes in one place, and the grpc_server_* metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, NoReturn, TypeAlias, cast
+
+import grpc
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from xaid_server.errors import XaidError
+from xaid_server.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
+Continuation: TypeAlias = "Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]]"
+Unary = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]
+Stream = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], AsyncIterator[Any]]
+
+
+def _rewrap(
+    handler: Handler,
+    unary: Callable[[Unary], Unary],
+    stream: Callable[[Stream], Stream],
+) -> Handler:
+    """The same handler with its behaviour wrapped; only the shapes xaid serves are wrapped."""
+    if handler.unary_unary is not None:
+        return grpc.unary_unary_rpc_method_handler(
+            unary(cast(Unary, handler.unary_unary)),
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+    if handler.unary_stream is not None:
+        return grpc.unary_stream_rpc_method_handler(
+            stream(cast(Stream, handler.unary_stream)),
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+    return handler
+
+
+async def abort_with(context: grpc.aio.ServicerContext[Any, Any], exc: BaseException) -> NoReturn:
+    """Abort the RPC for an exception: XaidError text as is, anything else as a generic INTERNAL."""
+    if isinstance(exc, XaidError):
+        status = status_pb2.Status(code=exc.code.value[0], message=exc.message)
+        if exc.field:
+            violation = error_details_pb2.BadRequest.FieldViolation(
+                field=exc.field, description=exc.message
+            )
+            status.details.add().Pack(error_details_pb2.BadRequest(field_violations=[violation]))
+        await context.abort(exc.code, exc.message, rpc_status.to_status(status).trailing_metadata)
+    request_id = uuid.uuid4().hex[:16]
+    log.error("unexpected error, request id %s", request_id, exc_info=exc)
+    message = f"internal error; request id {request_id}"
+    status = status_pb2.Status(code=code_pb2.INTERNAL, message=message)
+    await context.abort(
+        grpc.StatusCode.INTERNAL, message, rpc_status.to_status(status).trailing_metadata
+    )
+
+
+class ErrorInterceptor(grpc.aio.ServerInterceptor):
+    async def intercept_service(
+        self,
+        continuation: Continuation,
+        details: grpc.HandlerCallDetails,
+    ) -> Handler | None:
+        handler = await continuation(details)
+        if handler is None:
+            return None
+        return _rewrap(handler, self._unary, self._stream)
+
+    @staticmethod
+    def _unary(behavior: Unary) -> Unary:
+        async def run(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            try:
+                return await behavior(request, context)
+            except (asyncio.CancelledError, grpc.aio.AbortError):
+                raise
+            except Exception as exc:
+                await abort_with(context, exc)
+
+        return run
+
+    @staticmethod
+    def _stream(behavior: Stream) -> Stream:
+        async def run(
+            request: Any, context: grpc.aio.ServicerContext[Any, Any]
+        ) -> AsyncIterator[Any]:
+            try:
+                async for item in behavior(request, context):
+                    yield item
+            except (asyncio.CancelledError, grpc.aio.AbortError):
+                raise
+            except Exception as exc:
+                await abort_with(context, exc)
+
+        return run
+
+
+def split_method(full: str) -> tuple[str, str]:
+    service, _, method = full.lstrip("/").rpartition("/")
+    return service, method
+
+
+class MetricsInterceptor(grpc.aio.ServerInterceptor):
+    """grpc_server_started/handled/handling_seconds, counting aborted and cancelled RPCs too."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    async def intercept_service(
+        self,
+        continuation: Continuation,
+        details: grpc.HandlerCallDetails,
+    ) -> Handler | None:
+        handler = await continuation(details)
+        if handler is None:
+            return None
+        service, method = split_method(details.method)
+        return _rewrap(
+            handler,
+            lambda b: self._unary(b, (service, method, "unary")),
+            lambda b: self._stream(b, (service, method, "server_stream")),
+        )
+
+    def _done(self, labels: tuple[str, str, str], began: float, code: grpc.StatusCode) -> None:
+        self.metrics.grpc_handled.labels(*labels, code.name).inc()
+        self.metrics.grpc_handling.labels(*labels).observe(time.perf_counter() - began)
+
+    @staticmethod
+    def _code(
+        context: grpc.aio.ServicerContext[Any, Any], exc: BaseException | None
+    ) -> grpc.StatusCode:
+        if exc is None:
+            return grpc.StatusCode.OK
+        if isinstance(exc, asyncio.CancelledError):
+            return grpc.StatusCode.CANCELLED
+        code = context.code()
+        return code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.UNKNOWN
+
+    def _unary(self, behavior: Unary, labels: tuple[str, str, str]) -> Unary:
+        async def run(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            self.metrics.grpc_started.labels(*labels).inc()
+            began = time.perf_counter()
+            try:
+                response = await behavior(request, context)
+            except BaseException as exc:
+                self._done(labels, began, self._code(context, exc))
+                raise
+            self._done(labels, began, grpc.StatusCode.OK)
+            return response
+
+        return run
+
+    def _stream(self, behavior: Stream, labels: tuple[str, str, str]) -> Stream:
+        async def run(
+            request: Any, context: grpc.aio.ServicerContext[Any, Any]
+        ) -> AsyncIterator[Any]:
+            self.metrics.grpc_started.labels(*labels).inc()
+            began = time.perf_counter()
+            try:
+                async for item in behavior(request, context):
+                    yield item
+            except BaseException as exc:
+                self._done(labels, began, self._code(context, exc))
+                raise
+            self._done(labels, began, grpc.StatusCode.OK)
+
+        return run

@@ -1,0 +1,1 @@
+"""onnxruntime sessions, the loaded-model handle and the one batched evaluation runner."""

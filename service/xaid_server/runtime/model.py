@@ -1,0 +1,178 @@
+"""A loaded model version: its session, resolved config and the evaluation graphs built from it."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from xaid._codec import dtype_of
+from xaid_server.errors import FailedPrecondition, ModelLoadError
+from xaid_server.model_config import ImageConfig, ModelConfig
+from xaid_server.runtime.tensors import TensorSpec, spec_of
+
+log = logging.getLogger(__name__)
+
+GraphBuilder = Callable[[onnx.ModelProto], onnx.ModelProto]
+
+
+@dataclass(frozen=True)
+class SessionFactory:
+    """Creates every session of the server with the probed providers and thread settings."""
+
+    providers: tuple[str, ...]
+    intra_op_threads: int = 0
+
+    def create(self, model: bytes) -> ort.InferenceSession:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = self.intra_op_threads
+        options.log_severity_level = 3
+        return ort.InferenceSession(model, options, providers=list(self.providers))
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    version: str
+    path: Path
+    sha256: str
+    config: ModelConfig
+    session: ort.InferenceSession
+    factory: SessionFactory
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    _graphs: dict[str, ort.InferenceSession] = field(default_factory=dict)
+    _graph_errors: dict[str, str] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def provider(self) -> str:
+        return str(self.session.get_providers()[0])
+
+    @property
+    def input(self) -> TensorSpec:
+        """The input explanations attribute to (config `input`, else the first)."""
+        return self.input_spec(self.config.input)
+
+    def input_spec(self, name: str) -> TensorSpec:
+        for spec in self.inputs:
+            if spec.name == (name or self.config.input or self.inputs[0].name):
+                return spec
+        raise KeyError(name)
+
+    def output_index(self, name: str) -> int:
+        wanted = name or self.config.output or self.outputs[0].name
+        for index, spec in enumerate(self.outputs):
+            if spec.name == wanted:
+                return index
+        raise KeyError(name)
+
+    def evaluation_graph(self, key: str, build: GraphBuilder) -> ort.InferenceSession:
+        """A session for a graph derived from this model, built once and cached by `key`."""
+        with self._lock:
+            if key in self._graphs:
+                return self._graphs[key]
+            if key in self._graph_errors:
+                raise FailedPrecondition(self._graph_errors[key])
+            try:
+                graph = build(onnx.load(str(self.path)))
+                session = self.factory.create(graph.SerializeToString())
+            except FailedPrecondition as exc:
+                self._graph_errors[key] = exc.message
+                raise
+            self._graphs[key] = session
+            return session
+
+
+def load_model(
+    name: str, version: str, path: Path, config: ModelConfig, factory: SessionFactory
+) -> LoadedModel:
+    """Create the session, complete the config from the graph and warm the model up."""
+    try:
+        session = factory.create(path.read_bytes())
+    except Exception as exc:
+        raise ModelLoadError(f"onnxruntime could not load the model: {type(exc).__name__}") from exc
+    inputs = tuple(spec_of(i) for i in session.get_inputs())
+    outputs = tuple(spec_of(o) for o in session.get_outputs())
+    model = LoadedModel(
+        name=name,
+        version=version,
+        path=path,
+        sha256=sha256_file(path),
+        config=infer_config(config, inputs, outputs),
+        session=session,
+        factory=factory,
+        inputs=inputs,
+        outputs=outputs,
+    )
+    warm_up(model)
+    return model
+
+
+def infer_config(
+    config: ModelConfig, inputs: tuple[TensorSpec, ...], outputs: tuple[TensorSpec, ...]
+) -> ModelConfig:
+    """Fill what the config leaves open from the graph: 4-D float is image-like, 2-D tabular."""
+    names = {i.name for i in inputs}
+    if config.input and config.input not in names:
+        raise ModelLoadError(f"config input {config.input!r} is not a model input")
+    if config.output and config.output not in {o.name for o in outputs}:
+        raise ModelLoadError(f"config output {config.output!r} is not a model output")
+    first = next(i for i in inputs if i.name == (config.input or inputs[0].name))
+    kind = config.kind
+    if not kind:
+        if first.datatype in ("INT64", "INT32"):
+            kind = "text"
+        elif first.rank == 4:
+            kind = "image"
+        else:
+            kind = "tabular"
+    image = config.image
+    if kind == "image" and image is None:
+        image = infer_image_config(first)
+    return replace(
+        config, kind=kind, input=first.name, output=config.output or outputs[0].name, image=image
+    )
+
+
+def infer_image_config(spec: TensorSpec) -> ImageConfig | None:
+    """Encoded images for a config-less 4-D model: pixels scaled to [0, 1], no normalisation."""
+    if spec.rank != 4:
+        return None
+    _, a, b, c = spec.shape
+    if a in (1, 3) and b > 0 and c > 0:
+        return ImageConfig(height=b, width=c, channels=a, layout="NCHW", scale=255.0)
+    if c in (1, 3) and a > 0 and b > 0:
+        return ImageConfig(height=a, width=b, channels=c, layout="NHWC", scale=255.0)
+    return None
+
+
+def example_input(spec: TensorSpec, batch: int = 1) -> np.ndarray:
+    """A zero tensor for the spec, dynamic dims set to 1 (batch dim to `batch`)."""
+    shape = [batch] + [d if d > 0 else 1 for d in spec.shape[1:]]
+    return np.zeros(shape, dtype=dtype_of(spec.datatype))
+
+
+def warm_up(model: LoadedModel) -> None:
+    """One real run, so that a version is switched in only when it can answer."""
+    feeds = {spec.name: example_input(spec) for spec in model.inputs}
+    try:
+        model.session.run(None, feeds)
+    except Exception as exc:
+        raise ModelLoadError(f"warm-up run failed: {type(exc).__name__}") from exc
+    log.debug("warmed up %s version %s", model.name, model.version)

@@ -1,0 +1,121 @@
+"""The one batched evaluation runner: every model evaluation of an explanation goes through here.
+
+It owns chunking (by the model's max batch and a memory budget), the cancellation and deadline
+checks between chunks, stopping the chunk in flight, and the evaluation counter.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnxruntime as ort
+
+from xaid_server.errors import Cancelled, DeadlineExceeded
+
+ProgressCallback = Callable[[int, int], None]
+
+
+@dataclass
+class Job:
+    """One request's share of the runner: its deadline, cancellation, progress and cost."""
+
+    deadline: float | None = None  # time.monotonic() value
+    progress: ProgressCallback | None = None
+    total: int = 0
+    evaluations: int = 0
+    compute_seconds: float = 0.0
+    _cancelled: str | None = None
+    _in_flight: set[ort.RunOptions] = field(default_factory=set)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def cancel(self, cause: str = "client") -> None:
+        """Stop the job: the chunk in flight is terminated and no further chunk starts."""
+        with self._lock:
+            self._cancelled = cause
+            for options in self._in_flight:
+                options.terminate = True
+
+    @property
+    def cancel_cause(self) -> str | None:
+        return self._cancelled
+
+    def check(self) -> None:
+        if self._cancelled == "deadline" or (
+            self.deadline is not None and time.monotonic() >= self.deadline
+        ):
+            raise DeadlineExceeded("the explanation did not finish before the deadline")
+        if self._cancelled is not None:
+            raise Cancelled("the request was cancelled")
+
+    def _start(self) -> ort.RunOptions:
+        options = ort.RunOptions()
+        with self._lock:
+            options.terminate = self._cancelled is not None
+            self._in_flight.add(options)
+        return options
+
+    def _finish(self, options: ort.RunOptions, count: int, seconds: float) -> None:
+        with self._lock:
+            self._in_flight.discard(options)
+            self.evaluations += count
+            self.compute_seconds += seconds
+        if self.progress is not None:
+            self.progress(self.evaluations, max(self.total, self.evaluations))
+
+
+class BatchRunner:
+    """Runs N evaluations of a session in chunks, concatenating each output along axis 0."""
+
+    def __init__(self, max_chunk_bytes: int = 256 << 20) -> None:
+        self.max_chunk_bytes = max_chunk_bytes
+
+    def chunk_size(self, max_batch: int, item_bytes: int) -> int:
+        """Largest chunk within the model's max batch and the memory budget (at least one)."""
+        return max(1, min(max_batch, self.max_chunk_bytes // max(1, item_bytes)))
+
+    def run(
+        self,
+        session: ort.InferenceSession,
+        batched: Mapping[str, np.ndarray],
+        job: Job,
+        *,
+        fixed: Mapping[str, np.ndarray] | None = None,
+        outputs: Sequence[str] | None = None,
+        max_batch: int = 64,
+        item_bytes: int = 0,
+    ) -> list[np.ndarray]:
+        """Evaluate `batched` (same leading length N) in chunks, with `fixed` feeds in every run.
+
+        `item_bytes` is the memory one evaluation materialises (e.g. one perturbed input), which
+        bounds the chunk for inputs built on the device from small descriptions.
+        """
+        sizes = {len(v) for v in batched.values()}
+        if len(sizes) != 1:
+            raise ValueError("batched feeds must share their leading dimension")
+        (n,) = sizes
+        per_item = max(item_bytes, sum(v[:1].nbytes for v in batched.values()))
+        step = self.chunk_size(max_batch, per_item)
+        names = list(outputs) if outputs is not None else [o.name for o in session.get_outputs()]
+        parts: list[list[np.ndarray]] = [[] for _ in names]
+        for start in range(0, n, step):
+            job.check()
+            feeds = {k: v[start : start + step] for k, v in batched.items()}
+            if fixed:
+                feeds.update(fixed)
+            options = job._start()
+            began = time.perf_counter()
+            try:
+                results = session.run(names, feeds, options)
+            except Exception:
+                job._finish(options, 0, time.perf_counter() - began)
+                job.check()  # a terminated run surfaces as the cancellation or deadline
+                raise
+            job._finish(options, len(next(iter(feeds.values()))), time.perf_counter() - began)
+            for part, result in zip(parts, results, strict=True):
+                part.append(np.asarray(result))
+        job.check()
+        return [np.concatenate(p, axis=0) if p else np.empty((0,)) for p in parts]
