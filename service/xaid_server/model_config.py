@@ -64,6 +64,8 @@ def load_config(path: Path) -> ModelConfig:
         raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as exc:
         raise ModelLoadError(f"config.yaml is not valid YAML: {exc}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ModelLoadError(f"config.yaml cannot be read: {type(exc).__name__}") from None
     if not isinstance(raw, dict):
         raise ModelLoadError("config.yaml must be a mapping")
     return parse_config(raw)

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from xaid_server.errors import ModelLoadError, NotFound
+from xaid_server.errors import ModelLoadError, NotFound, XaidError
 from xaid_server.metrics import Metrics
 from xaid_server.model_config import load_config
 from xaid_server.runtime.model import LoadedModel, SessionFactory, load_model
@@ -128,7 +128,7 @@ class ModelRepository:
                 self.factory,
             )
             self.prepare(model)
-        except ModelLoadError as exc:
+        except (ModelLoadError, XaidError) as exc:
             self._failed[candidate.name] = fingerprint
             self.metrics.model_load.labels(candidate.name, "failure").inc()
             kept = f"; still serving version {served[1].version}" if served else ""

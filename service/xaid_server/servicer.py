@@ -153,7 +153,9 @@ def explain_response(result: ExplainResult) -> xaid_pb2.ExplainResponse:
             score=segment.score,
             base_value=segment.base_value,
         )
-    parameters_to_proto(result.parameters, getattr(response, result.method))
+    echoed = getattr(response, result.method)
+    echoed.SetInParent()  # names the method even when it has no parameters
+    parameters_to_proto(result.parameters, echoed)
     return response
 
 

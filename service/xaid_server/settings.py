@@ -53,11 +53,17 @@ FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
 
 def _convert(name: str, value: Any) -> Any:
     kind: Any = type(FIELDS[name].default)
-    if kind is bool and isinstance(value, str):
-        lowered = value.strip().lower()
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        lowered = str(value).strip().lower()
         if lowered not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
             raise ValueError(f"{name}: expected a boolean, got {value!r}")
         return lowered in ("1", "true", "yes", "on")
+    if isinstance(value, bool) or not isinstance(value, str | int | float | Path):
+        raise ValueError(f"{name}: expected {kind.__name__}, got {value!r}")
+    if kind is int and isinstance(value, float) and not value.is_integer():
+        raise ValueError(f"{name}: expected an integer, got {value!r}")
     try:
         return kind(value)
     except (TypeError, ValueError):

@@ -11,6 +11,7 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 from PIL import Image
+
 from xaid_server.errors import InvalidArgument
 from xaid_server.model_config import ImageConfig
 from xaid_server.preprocess import decode_image, tensor_to_image

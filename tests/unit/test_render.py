@@ -8,6 +8,7 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 from PIL import Image
+
 from xaid_server.render import MIN_SIDE, SEQUENTIAL_ANCHORS, aggregate, heatmap_png
 
 

@@ -37,14 +37,6 @@ class SessionFactory:
         return ort.InferenceSession(model, options, providers=list(self.providers))
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 @dataclass
 class LoadedModel:
     name: str
@@ -56,6 +48,7 @@ class LoadedModel:
     factory: SessionFactory
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
+    model_bytes: bytes  # what the session was built from: the file may change under us
     _graphs: dict[str, ort.InferenceSession] = field(default_factory=dict)
     _graph_errors: dict[str, str] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -90,7 +83,7 @@ class LoadedModel:
             if key in self._graph_errors:
                 raise FailedPrecondition(self._graph_errors[key])
             try:
-                graph = build(onnx.load(str(self.path)))
+                graph = build(onnx.load_from_string(self.model_bytes))
                 session = self.factory.create(graph.SerializeToString())
             except FailedPrecondition as exc:
                 self._graph_errors[key] = exc.message
@@ -104,7 +97,11 @@ def load_model(
 ) -> LoadedModel:
     """Create the session, complete the config from the graph and warm the model up."""
     try:
-        session = factory.create(path.read_bytes())
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ModelLoadError(f"model file cannot be read: {type(exc).__name__}") from None
+    try:
+        session = factory.create(data)
     except Exception as exc:
         raise ModelLoadError(f"onnxruntime could not load the model: {type(exc).__name__}") from exc
     inputs = tuple(spec_of(i) for i in session.get_inputs())
@@ -113,12 +110,13 @@ def load_model(
         name=name,
         version=version,
         path=path,
-        sha256=sha256_file(path),
+        sha256=hashlib.sha256(data).hexdigest(),
         config=infer_config(config, inputs, outputs),
         session=session,
         factory=factory,
         inputs=inputs,
         outputs=outputs,
+        model_bytes=data,
     )
     warm_up(model)
     return model

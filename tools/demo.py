@@ -1,0 +1,89 @@
+"""`make demo`: start a server on the bundled models, explain a bundled image, write a PNG, stop.
+
+Usage: python tools/demo.py [--out demo-heatmap.png]
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from xaid import Client
+from xaid_server.settings import DEMO_MODELS
+
+EXAMPLE = DEMO_MODELS.parent / "examples" / "star.png"
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def wait_until_serving(
+    address: str, server: subprocess.Popen[bytes], timeout: float = 120.0
+) -> None:
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(address) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            if server.poll() is not None:
+                raise SystemExit(f"the server exited with code {server.returncode}")
+            try:
+                reply = health.Check(health_pb2.HealthCheckRequest(), timeout=1.0)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.2)
+    raise SystemExit("the server did not become ready in time")
+
+
+def tour(address: str, out: Path) -> None:
+    with Client(address) as client:
+        for info in client.models():
+            print(f"model {info.name} v{info.version} ({info.kind}) on {info.execution_provider}")
+        prediction = client.predict("shapes", EXAMPLE, top_k=3)
+        print(f"\n{EXAMPLE.name}: top classes")
+        for score in prediction.top[0]:
+            print(f"  {score.label:<10} p={score.probability:.3f}  logit={score.score:+.2f}")
+        explanation = client.explain("shapes", EXAMPLE, "occlusion", render=True)
+        out.write_bytes(explanation.heatmap_png[0])
+        params = explanation.parameters
+        print(
+            f"\nocclusion of '{explanation.target.labels[0]}' with window {params['window']} "
+            f"stride {params['stride']}: {explanation.model_evaluations} model evaluations "
+            f"in {explanation.timing.total_seconds:.2f} s"
+        )
+        print(f"heatmap written to {out}")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--out", type=Path, default=Path("demo-heatmap.png"))
+    args = ap.parse_args()
+    port = free_port()
+    address = f"127.0.0.1:{port}"
+    command = [sys.executable, "-m", "xaid_server", "--port", str(port), "--metrics-port", "-1"]
+    print("starting:", " ".join(["xaid serve", *command[3:]]))
+    server = subprocess.Popen(command)
+    try:
+        wait_until_serving(address, server)
+        tour(address, args.out)
+    finally:
+        server.send_signal(signal.SIGTERM)
+        code = server.wait(timeout=60)
+    print(f"server stopped (exit code {code})")
+    return code
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
