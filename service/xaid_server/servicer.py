@@ -212,28 +212,28 @@ class ExplainerServicer(xaid_pb2_grpc.ExplainerServicer):
         call.progress = progress
         began = loop.time()
         task = asyncio.ensure_future(self.core.explain(call))
+        waiter: asyncio.Future[tuple[int, int]] | None = None
+
+        def progress_message(done: int, total: int) -> xaid_pb2.ExplainStreamResponse:
+            elapsed = loop.time() - began
+            return xaid_pb2.ExplainStreamResponse(
+                progress=xaid_pb2.Progress(done=done, total=total, elapsed_seconds=elapsed)
+            )
+
         try:
             while not task.done():
-                waiter = asyncio.ensure_future(updates.get())
-                await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
-                if not waiter.done():
-                    waiter.cancel()
-                    continue
-                done, total = waiter.result()
-                yield xaid_pb2.ExplainStreamResponse(
-                    progress=xaid_pb2.Progress(
-                        done=done, total=total, elapsed_seconds=loop.time() - began
-                    )
-                )
+                if waiter is None:
+                    waiter = asyncio.ensure_future(updates.get())
+                either: set[asyncio.Future[Any]] = {task, waiter}
+                await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+                if waiter.done():
+                    yield progress_message(*waiter.result())
+                    waiter = None
             result = task.result()
             while not updates.empty():
-                done, total = updates.get_nowait()
-                yield xaid_pb2.ExplainStreamResponse(
-                    progress=xaid_pb2.Progress(
-                        done=done, total=total, elapsed_seconds=loop.time() - began
-                    )
-                )
+                yield progress_message(*updates.get_nowait())
             yield xaid_pb2.ExplainStreamResponse(result=explain_response(result))
         finally:
-            if not task.done():
-                task.cancel()
+            for pending in (task, waiter):
+                if pending is not None and not pending.done():
+                    pending.cancel()

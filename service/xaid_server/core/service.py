@@ -71,7 +71,10 @@ class Core:
         timer = loop.call_later(max(0.0, job.deadline - time.monotonic()), job.cancel, "deadline")
         self.metrics.inflight.labels(kind).inc()
         try:
-            return await asyncio.shield(loop.run_in_executor(self.executor, work))
+            future = loop.run_in_executor(self.executor, work)
+            # a cancelled caller never reads the outcome; read it so asyncio does not log it
+            future.add_done_callback(lambda done: done.cancelled() or done.exception())
+            return await asyncio.shield(future)
         except asyncio.CancelledError:
             job.cancel("client")
             self.metrics.cancelled.labels(kind, "client").inc()

@@ -1,0 +1,5 @@
+"""`python -m xaid`: the `xaid` command."""
+
+from xaid.cli import main
+
+raise SystemExit(main())
