@@ -12,14 +12,17 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from PIL import Image
 
 from xaid import Client
 from xaid_server.settings import DEMO_MODELS
 
 EXAMPLE = DEMO_MODELS.parent / "examples" / "star.png"
+ENLARGE = 4
 
 
 def free_port() -> int:
@@ -33,7 +36,7 @@ def wait_until_serving(
 ) -> None:
     deadline = time.monotonic() + timeout
     with grpc.insecure_channel(address) as channel:
-        health = health_pb2_grpc.HealthStub(channel)
+        health: Any = health_pb2_grpc.HealthStub(channel)  # the stubs type it loosely
         while time.monotonic() < deadline:
             if server.poll() is not None:
                 raise SystemExit(f"the server exited with code {server.returncode}")
@@ -47,6 +50,15 @@ def wait_until_serving(
     raise SystemExit("the server did not become ready in time")
 
 
+def side_by_side(image: Image.Image, heatmap: Image.Image) -> Image.Image:
+    """The input next to its heatmap, enlarged so that 64-pixel images are easy to look at."""
+    size = (image.width * ENLARGE, image.height * ENLARGE)
+    canvas = Image.new("RGB", (2 * size[0] + 8, size[1]), "white")
+    canvas.paste(image.convert("RGB").resize(size, Image.Resampling.NEAREST), (0, 0))
+    canvas.paste(heatmap.convert("RGB").resize(size, Image.Resampling.NEAREST), (size[0] + 8, 0))
+    return canvas
+
+
 def tour(address: str, out: Path) -> None:
     with Client(address) as client:
         for info in client.models():
@@ -56,14 +68,14 @@ def tour(address: str, out: Path) -> None:
         for score in prediction.top[0]:
             print(f"  {score.label:<10} p={score.probability:.3f}  logit={score.score:+.2f}")
         explanation = client.explain("shapes", EXAMPLE, "occlusion", render=True)
-        out.write_bytes(explanation.heatmap_png[0])
+        side_by_side(Image.open(EXAMPLE), explanation.heatmaps[0]).save(out)
         params = explanation.parameters
         print(
             f"\nocclusion of '{explanation.target.labels[0]}' with window {params['window']} "
             f"stride {params['stride']}: {explanation.model_evaluations} model evaluations "
             f"in {explanation.timing.total_seconds:.2f} s"
         )
-        print(f"heatmap written to {out}")
+        print(f"input and heatmap written to {out} (enlarged {ENLARGE}x for viewing)")
 
 
 def main() -> int:

@@ -82,13 +82,8 @@ class XaidServer:
         self._grpc = server
         if s.metrics_port >= 0:
             self.metrics_port = self.metrics.serve(s.metrics_host, s.metrics_port)
-        log.info(
-            "xaid listening on %s:%d, metrics on %s:%d",
-            s.host,
-            self.port,
-            s.metrics_host,
-            self.metrics_port,
-        )
+        metrics = f"{s.metrics_host}:{self.metrics_port}" if s.metrics_port >= 0 else "off"
+        log.info("xaid listening on %s:%d, metrics %s", s.host, self.port, metrics)
         await asyncio.to_thread(self.repository.scan)
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         log.info("serving %d model(s)", len(self.repository.models()))

@@ -6,6 +6,7 @@ session that asks for it; probing once keeps the log clean and makes the fallbac
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 
 import onnx
@@ -37,21 +38,20 @@ def probe_providers(require_gpu: bool) -> list[str]:
     """The provider list every session is created with; CUDA first when it really works."""
     providers = [CPU]
     if CUDA in ort.get_available_providers():
-        preload = getattr(ort, "preload_dlls", None)
-        if preload is not None:
-            try:
-                preload()
-            except Exception:
-                log.debug("onnxruntime.preload_dlls found no CUDA libraries", exc_info=True)
-        options = ort.SessionOptions()
-        options.log_severity_level = 4
+        if importlib.util.find_spec("nvidia") is not None:
+            # CUDA and cuDNN installed as pip packages (nvidia-*): put them on the loader's path
+            ort.preload_dlls()
+        ort.set_default_logger_severity(4)  # a failed CUDA load is reported by our own line
         try:
-            session = ort.InferenceSession(_tiny_model(), options, providers=[CUDA, CPU])
+            session = ort.InferenceSession(_tiny_model(), providers=[CUDA, CPU])
             if session.get_providers()[0] == CUDA:
                 providers = [CUDA, CPU]
         except Exception:
             log.debug("CUDA probe session failed", exc_info=True)
+        finally:
+            ort.set_default_logger_severity(2)
     if require_gpu and providers[0] != CUDA:
         raise ModelLoadError("--require-gpu is set but the CUDA execution provider is not usable")
-    log.info("execution providers: %s", ", ".join(providers))
+    fallback = "" if providers[0] == CUDA else " (CUDA is not usable on this machine)"
+    log.info("execution providers: %s%s", ", ".join(providers), fallback)
     return providers
