@@ -1,0 +1,1 @@
+"""Bundled demo models and the procedural images the shapes model was trained on."""
