@@ -1,7 +1,8 @@
 """The `xaid` command: list models, predict and explain against a server, or start one.
 
 Exit codes: 0 success, 1 the server or a file refused the work, 2 a usage error.
-`xaid serve ...` hands every argument to the server's own command line (the server extra).
+`xaid serve ...` and `xaid gradgraph ...` hand every argument to the server package's own
+command lines (the server extra).
 """
 
 from __future__ import annotations
@@ -23,7 +24,9 @@ from xaid._requests import ModelInput, explain_methods
 from xaid._results import Explanation, ModelInfo, Prediction
 from xaid.errors import XaidError
 
-_SERVER_EXTRA_HINT = "xaid serve needs the server extra: pip install 'xaid[server]'"
+_SERVER_EXTRA_HINT = "xaid {command} needs the server extra: pip install 'xaid[server]'"
+#: Commands that run server code, and the module whose `main(argv)` each hands its arguments to.
+_SERVER_COMMANDS = {"serve": "xaid_server.__main__", "gradgraph": "xaid_server.gradgraph"}
 #: Top-level packages that only the server extra installs.
 _SERVER_MODULES = frozenset(
     {
@@ -47,8 +50,8 @@ class _UsageError(Exception):
 # ---- serve ----
 
 
-def _serve_arguments(argv: Sequence[str]) -> list[str] | None:
-    """The arguments after `serve` when that is the subcommand, else None.
+def _server_command(argv: Sequence[str]) -> tuple[str, list[str]] | None:
+    """The server command and the arguments after it when one is the subcommand, else None.
 
     Done before argparse so that `xaid serve --help` reaches the server's parser untouched.
     """
@@ -61,20 +64,20 @@ def _serve_arguments(argv: Sequence[str]) -> list[str] | None:
         if arg.startswith("-"):
             i += 1
             continue
-        return list(argv[i + 1 :]) if arg == "serve" else None
+        return (arg, list(argv[i + 1 :])) if arg in _SERVER_COMMANDS else None
     return None
 
 
-def _serve(rest: list[str]) -> int:
+def _run_server_command(command: str, rest: list[str]) -> int:
     try:
-        module = importlib.import_module("xaid_server.__main__")
+        module = importlib.import_module(_SERVER_COMMANDS[command])
     except ModuleNotFoundError as err:
         if (err.name or "").split(".")[0] not in _SERVER_MODULES:
             raise
-        print(_SERVER_EXTRA_HINT, file=sys.stderr)
+        print(_SERVER_EXTRA_HINT.format(command=command), file=sys.stderr)
         return 2
-    serve_main = cast(Callable[[list[str]], int | None], module.main)
-    return int(serve_main(rest) or 0)
+    command_main = cast(Callable[[list[str]], int | None], module.main)
+    return int(command_main(rest) or 0)
 
 
 # ---- argument parsing ----
@@ -141,6 +144,9 @@ def _build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     commands.add_parser("serve", help="start a server (arguments go to the server)")
+    commands.add_parser(
+        "gradgraph", help="export the gradient graph of an ONNX model (see gradgraph --help)"
+    )
 
     models = commands.add_parser("models", parents=[connection], help="list the served models")
     models.add_argument("--json", action="store_true", help="print JSON")
@@ -473,9 +479,9 @@ _COMMANDS: dict[str, Callable[[Client, argparse.Namespace], int]] = {
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit code instead of exiting (tests call it)."""
     args_list = list(sys.argv[1:] if argv is None else argv)
-    rest = _serve_arguments(args_list)
-    if rest is not None:
-        return _serve(rest)
+    server_command = _server_command(args_list)
+    if server_command is not None:
+        return _run_server_command(*server_command)
     parser = _build_parser()
     try:
         args = parser.parse_args(args_list)
