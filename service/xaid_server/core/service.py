@@ -22,7 +22,7 @@ from xaid_server.errors import (
     Unimplemented,
 )
 from xaid_server.explainers import REGISTRY
-from xaid_server.explainers.base import ExplainContext, Explainer
+from xaid_server.explainers.base import ExplainContext, Explainer, Explanation
 from xaid_server.metrics import Metrics
 from xaid_server.preprocess import tensor_to_image
 from xaid_server.render import aggregate, heatmap_png
@@ -164,6 +164,12 @@ class Core:
                 f"input: {input_name!r} is not an input of {model.name!r}", field="input"
             )
         x = given.feeds[input_name]
+        if call.render and (x.ndim != 4 or model.config.image is None):
+            raise FailedPrecondition(
+                f"render: heatmaps need an image-like input; {model.name!r} takes shape "
+                f"{list(x.shape)}",
+                field="render",
+            )
         params = explainer.resolve(model, tuple(x.shape), call.parameters)
         cost = given.rows + explainer.cost(params, tuple(x.shape))
         if cost > self.settings.max_evaluations:
@@ -175,7 +181,8 @@ class Core:
         seed = call.seed if call.seed is not None else secrets.randbits(63)
         job = Job(deadline=self._deadline(call.timeout), progress=call.progress, total=cost)
 
-        def work() -> tuple[ExplainContext, list[np.ndarray]]:
+        def work() -> tuple[ExplainContext, list[np.ndarray], Explanation, list[bytes], str]:
+            """One pool job: the forward, the explanation and the heatmaps, off the event loop."""
             outputs = self._forward(model, given, job, call.method)
             target = resolve_target(model, outputs, call.target_output, call.target_class)
             ctx = ExplainContext(
@@ -188,18 +195,19 @@ class Core:
                 job=job,
                 rng=np.random.default_rng(seed),
             )
-            return ctx, outputs
-
-        ctx, outputs = await self._run("explain", job, work)
-        before = job.evaluations
-        explanation = await self._run("explain", job, lambda: explainer.explain(ctx, params))
-        self.metrics.model_evaluations.labels(model.name, call.method).inc(job.evaluations - before)
-        heatmaps: list[bytes] = []
-        aggregation = ""
-        if call.render:
-            heatmaps, aggregation = self._render(
-                model, given, x, explanation.attribution, explainer.signed
+            before = job.evaluations
+            explanation = explainer.explain(ctx, params)
+            self.metrics.model_evaluations.labels(model.name, call.method).inc(
+                job.evaluations - before
             )
+            heatmaps, aggregation = (
+                self._render(model, given, x, explanation.attribution, explainer.signed)
+                if call.render
+                else ([], "")
+            )
+            return ctx, outputs, explanation, heatmaps, aggregation
+
+        ctx, outputs, explanation, heatmaps, aggregation = await self._run("explain", job, work)
         total = time.perf_counter() - began
         self.metrics.explain_duration.labels(model.name, call.method).observe(total)
         classes = [int(c) for c in ctx.target.classes]
@@ -233,12 +241,7 @@ class Core:
         attribution: np.ndarray,
         signed: bool,
     ) -> tuple[list[bytes], str]:
-        if x.ndim != 4 or model.config.image is None:
-            raise FailedPrecondition(
-                f"render: heatmaps need an image-like input; {model.name!r} takes shape "
-                f"{list(x.shape)}",
-                field="render",
-            )
+        assert model.config.image is not None  # checked before any work by explain()
         layout = model.config.image.layout
         images: list[bytes] = []
         how = ""

@@ -34,6 +34,9 @@ class SessionFactory:
         options = ort.SessionOptions()
         options.intra_op_num_threads = self.intra_op_threads
         options.log_severity_level = 3
+        # Each session has its own intra-op pool whose threads spin after a run; on few cores a
+        # spinning pool starves the next session's run (an explanation's forward, then its graph).
+        options.add_session_config_entry("session.force_spinning_stop", "1")
         return ort.InferenceSession(model, options, providers=list(self.providers))
 
 
