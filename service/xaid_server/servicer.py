@@ -50,6 +50,8 @@ def parameters_from_proto(message: Message) -> dict[str, Any]:
 
 
 def parameters_to_proto(parameters: Any, message: Message) -> None:
+    """Set the fields of `parameters`; the message counts as set even with none (oneofs)."""
+    message.SetInParent()
     for f in dataclasses.fields(parameters):
         value = getattr(parameters, f.name)
         if value is None:
@@ -153,9 +155,7 @@ def explain_response(result: ExplainResult) -> xaid_pb2.ExplainResponse:
             score=segment.score,
             base_value=segment.base_value,
         )
-    echoed = getattr(response, result.method)
-    echoed.SetInParent()  # names the method even when it has no parameters
-    parameters_to_proto(result.parameters, echoed)
+    parameters_to_proto(result.parameters, getattr(response, result.method))
     return response
 
 

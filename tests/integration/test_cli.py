@@ -265,7 +265,10 @@ def test_explain_a_method_the_server_lacks(
 ) -> None:
     with xaid.Client(server_address) as client:
         methods = client.model("tabular").methods
-    missing = [m for m in xaid.explain_methods() if m not in methods]
+    # methods not built yet (one the server has but this model cannot take is FAILED_PRECONDITION)
+    missing = [
+        m for m in ("lime", "kernel_shap") if m in xaid.explain_methods() and m not in methods
+    ]
     if not missing:
         pytest.skip("the server implements every method of the contract")
     argv = ["--server", server_address, "explain", "--model", "tabular", "--npy", str(tabular_npy)]

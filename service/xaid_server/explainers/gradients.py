@@ -1,0 +1,132 @@
+"""What the gradient family shares: the cached gradient graph and batched gradient runs.
+
+Every gradient method is a set of points x_i (one per evaluation, each tied to a batch row) at
+which the gradient of the target score is taken. The points of all rows go through the runner as
+one batched evaluation, so chunking, counting, cancellation and the deadline apply to each method
+the same way. The gradient graph is built once per (output, ReLU rule, wrt) and cached by the
+model; a model whose graph cannot be built still loads, and the gradient methods report why.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any, TypeVar
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from xaid_server.errors import FailedPrecondition, InvalidArgument
+from xaid_server.explainers.base import ExplainContext, Explainer
+from xaid_server.graphs.gradient import GRADIENT, TARGET, build_gradient_graph
+from xaid_server.runtime.model import LoadedModel
+
+log = logging.getLogger(__name__)
+
+P = TypeVar("P")
+
+MAX_SAMPLES = 1024  # n_steps / n_samples above this are refused; the server cap still applies
+
+
+def output_name(model: LoadedModel, output: str = "") -> str:
+    """The output explained by default: config `output`, else the first."""
+    return model.outputs[model.output_index(output)].name
+
+
+def gradient_session(
+    model: LoadedModel, output: str, *, relu: str = "standard", wrt: str = ""
+) -> ort.InferenceSession:
+    """The cached gradient graph of `output` w.r.t. `wrt` (the explained input when empty)."""
+    wrt = wrt or model.input.name
+
+    def build(proto: onnx.ModelProto) -> onnx.ModelProto:
+        return build_gradient_graph(proto, wrt=wrt, output=output, relu=relu)
+
+    return model.evaluation_graph(f"gradient:{output}:{relu}:{wrt}", build)
+
+
+def run_gradients(
+    ctx: ExplainContext,
+    points: np.ndarray,
+    rows: np.ndarray,
+    *,
+    relu: str = "standard",
+    wrt: str = "",
+    extra: tuple[str, ...] = (),
+) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+    """Gradients and target scores at `points`, evaluation i explaining batch row `rows[i]`.
+
+    Returns (gradient [N, ...], score float64 [N], the `extra` outputs). Other model inputs are
+    repeated from their row, so multi-input models take the same path.
+    """
+    model = ctx.model
+    output = ctx.target.output
+    session = gradient_session(model, output, relu=relu, wrt=wrt or ctx.input_name)
+    batched = {name: value[rows] for name, value in ctx.feeds.items()}
+    batched[ctx.input_name] = np.ascontiguousarray(points, dtype=ctx.x.dtype)
+    batched[TARGET] = ctx.target.classes[rows].astype(np.int64)
+    results = ctx.runner.run(
+        session,
+        batched,
+        ctx.job,
+        outputs=[output, GRADIENT, *extra],
+        max_batch=model.config.max_batch_size,
+    )
+    scores = results[0].astype(np.float64).reshape(len(rows), -1)
+    score = scores[np.arange(len(rows)), batched[TARGET]]
+    return results[1], score, results[2:]
+
+
+class GradientExplainer(Explainer[P]):
+    """An explainer over the gradient graph; the ReLU rule it needs decides applicability."""
+
+    relu: str = "standard"
+
+    def prepare(self, model: LoadedModel) -> None:
+        """Build the graph at load time; a model it cannot serve still loads for other methods."""
+        try:
+            gradient_session(model, output_name(model), relu=self.relu)
+        except FailedPrecondition as exc:  # cached by the model and reported by applicable()
+            log.warning("%s %s: no gradient graph: %s", model.name, model.version, exc.message)
+
+    def applicable(self, model: LoadedModel) -> str | None:
+        try:
+            gradient_session(model, output_name(model), relu=self.relu)
+        except FailedPrecondition as exc:
+            return f"the gradient graph cannot be built: {exc.message}"
+        return None
+
+
+def number(value: Any, field: str) -> float:
+    """A finite real number, or InvalidArgument naming `field`."""
+    if isinstance(value, bool) or not isinstance(value, int | float | np.number):
+        raise InvalidArgument(f"{field}: expected a number, got {value!r}", field=field)
+    if not np.isfinite(value):
+        raise InvalidArgument(f"{field}: expected a finite number, got {value!r}", field=field)
+    return float(value)
+
+
+def count(value: Any, field: str, default: int, low: int = 1) -> int:
+    """An integer in [low, MAX_SAMPLES], `default` when unset."""
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int | np.integer):
+        raise InvalidArgument(f"{field}: expected an integer, got {value!r}", field=field)
+    if not low <= value <= MAX_SAMPLES:
+        raise InvalidArgument(
+            f"{field}: must be between {low} and {MAX_SAMPLES}, got {value}", field=field
+        )
+    return int(value)
+
+
+def choice(value: str, field: str, choices: Mapping[str, Any] | tuple[str, ...]) -> str:
+    """One of `choices`, the first when empty."""
+    options = list(choices)
+    if not value:
+        return options[0]
+    if value not in options:
+        raise InvalidArgument(
+            f"{field}: unknown value {value!r}; choose one of {', '.join(options)}", field=field
+        )
+    return value
