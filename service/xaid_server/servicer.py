@@ -91,6 +91,8 @@ def model_info(core: Core, model: LoadedModel) -> xaid_pb2.ModelInfo:
         ready=True,
         feature_names=model.config.features.names if model.config.features else (),
     )
+    reason = core.gradients_unavailable(model)
+    info.gradients.CopyFrom(xaid_pb2.GradientSupport(available=reason is None, reason=reason or ""))
     image = model.config.image
     if image is not None:
         info.image.CopyFrom(

@@ -111,3 +111,48 @@ def test_a_config_less_model_is_served_with_inferred_defaults(
     )
     assert list(reply.occlusion.window) == [1]
     assert list(reply.target.labels) == [str(reply.target.class_indices[0])]
+
+
+def test_a_model_without_gradient_rules_serves_the_other_methods(
+    server: RunningServer, repository: Path
+) -> None:
+    """GetModel says why gradients are missing; gradient methods answer FAILED_PRECONDITION."""
+    from onnx import TensorProto, helper, save
+
+    nodes = [
+        helper.make_node("Reshape", ["x", "square"], ["matrix"]),
+        helper.make_node("Det", ["matrix"], ["det"], name="determinant"),
+        helper.make_node("Unsqueeze", ["det", "axis"], ["score"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "odd",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
+        [helper.make_tensor_value_info("score", TensorProto.FLOAT, ["batch", 1])],
+        initializer=[
+            helper.make_tensor("square", TensorProto.INT64, [3], [-1, 2, 2]),
+            helper.make_tensor("axis", TensorProto.INT64, [1], [1]),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    (repository / "odd" / "1").mkdir(parents=True)
+    save(model, repository / "odd" / "1" / "model.onnx")
+    stub = xaid_pb2_grpc.ExplainerStub(grpc.insecure_channel(server.address))
+    eventually(
+        lambda: "odd" in {m.name for m in stub.ListModels(xaid_pb2.ListModelsRequest()).models}
+    )
+    info = stub.GetModel(xaid_pb2.GetModelRequest(model="odd"))
+    assert not info.gradients.available
+    assert "Det" in info.gradients.reason
+    assert "determinant" in info.gradients.reason
+    assert "occlusion" in info.methods
+    assert "saliency" not in info.methods
+    x = to_tensor(np.array([[1.0, 2.0, 3.0, 4.0]], np.float32))
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.Explain(xaid_pb2.ExplainRequest(model="odd", inputs=[x], saliency=xaid_pb2.Saliency()))
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "Det" in (caught.value.details() or "")
+    reply = stub.Explain(
+        xaid_pb2.ExplainRequest(model="odd", inputs=[x], occlusion=xaid_pb2.Occlusion())
+    )
+    assert list(reply.attribution.shape) == [1, 4]

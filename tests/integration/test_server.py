@@ -110,6 +110,8 @@ def test_list_and_get_model(stub: xaid_pb2_grpc.ExplainerStub) -> None:
     assert shapes.kind == "image"
     assert shapes.execution_provider in ("CPUExecutionProvider", "CUDAExecutionProvider")
     assert "occlusion" in shapes.methods
+    assert shapes.gradients.available
+    assert shapes.gradients.reason == ""
     assert list(shapes.inputs[0].shape)[1:] == [3, 64, 64]
     data = (DEMO_MODELS / "shapes" / "1" / "model.onnx").read_bytes()
     assert shapes.sha256 == hashlib.sha256(data).hexdigest()

@@ -200,6 +200,7 @@ class ModelInfo(_message.Message):
     READY_FIELD_NUMBER: _builtins.int
     FEATURE_NAMES_FIELD_NUMBER: _builtins.int
     IMAGE_FIELD_NUMBER: _builtins.int
+    GRADIENTS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     version: _builtins.str
     """The version answering requests that name none."""
@@ -229,6 +230,8 @@ class ModelInfo(_message.Message):
     def feature_names(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
     def image(self) -> Global___ImagePreprocessing: ...
+    @_builtins.property
+    def gradients(self) -> Global___GradientSupport: ...
     def __init__(
         self,
         *,
@@ -246,14 +249,39 @@ class ModelInfo(_message.Message):
         ready: _builtins.bool = ...,
         feature_names: _abc.Iterable[_builtins.str] | None = ...,
         image: Global___ImagePreprocessing | None = ...,
+        gradients: Global___GradientSupport | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["image", b"image"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["gradients", b"gradients", "image", b"image"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["execution_provider", b"execution_provider", "feature_names", b"feature_names", "image", b"image", "inputs", b"inputs", "kind", b"kind", "labels", b"labels", "max_batch_size", b"max_batch_size", "methods", b"methods", "name", b"name", "outputs", b"outputs", "ready", b"ready", "sha256", b"sha256", "version", b"version", "versions", b"versions"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["execution_provider", b"execution_provider", "feature_names", b"feature_names", "gradients", b"gradients", "image", b"image", "inputs", b"inputs", "kind", b"kind", "labels", b"labels", "max_batch_size", b"max_batch_size", "methods", b"methods", "name", b"name", "outputs", b"outputs", "ready", b"ready", "sha256", b"sha256", "version", b"version", "versions", b"versions"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ModelInfo: _TypeAlias = ModelInfo  # noqa: Y015
+
+@_typing.final
+class GradientSupport(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AVAILABLE_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    available: _builtins.bool
+    """Whether the model's gradient graph could be built (the gradient methods need it)."""
+    reason: _builtins.str
+    """Why not, e.g. the op without a backward rule."""
+    def __init__(
+        self,
+        *,
+        available: _builtins.bool = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["available", b"available", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GradientSupport: _TypeAlias = GradientSupport  # noqa: Y015
 
 @_typing.final
 class ClassScore(_message.Message):

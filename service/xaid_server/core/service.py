@@ -23,6 +23,7 @@ from xaid_server.errors import (
 )
 from xaid_server.explainers import REGISTRY
 from xaid_server.explainers.base import ExplainContext, Explainer, Explanation
+from xaid_server.explainers.gradients import gradients_unavailable
 from xaid_server.metrics import Metrics
 from xaid_server.preprocess import tensor_to_image
 from xaid_server.render import aggregate, heatmap_png
@@ -55,6 +56,9 @@ class Core:
 
     def methods_for(self, model: LoadedModel) -> list[str]:
         return [name for name, e in REGISTRY.items() if e.applicable(model) is None]
+
+    def gradients_unavailable(self, model: LoadedModel) -> str | None:
+        return gradients_unavailable(model)
 
     def _deadline(self, timeout: float | None) -> float:
         limit = (

@@ -91,11 +91,16 @@ class GradientExplainer(Explainer[P]):
             log.warning("%s %s: no gradient graph: %s", model.name, model.version, exc.message)
 
     def applicable(self, model: LoadedModel) -> str | None:
-        try:
-            gradient_session(model, output_name(model), relu=self.relu)
-        except FailedPrecondition as exc:
-            return f"the gradient graph cannot be built: {exc.message}"
-        return None
+        return gradients_unavailable(model, self.relu)
+
+
+def gradients_unavailable(model: LoadedModel, relu: str = "standard") -> str | None:
+    """None when the model's gradient graph builds, else why not (shown by GetModel)."""
+    try:
+        gradient_session(model, output_name(model), relu=relu)
+    except FailedPrecondition as exc:
+        return f"the gradient graph cannot be built: {exc.message}"
+    return None
 
 
 def number(value: Any, field: str) -> float:
