@@ -1,0 +1,1 @@
+"""Benchmarks: xaid against plain onnxruntime (the floor) and Captum (the anchor), same run."""
