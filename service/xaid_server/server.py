@@ -126,7 +126,11 @@ async def serve(settings: Settings) -> None:
     stopping = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
-    await server.start()
+    try:
+        await server.start()
+    except BaseException:
+        await server.stop(grace=0)  # release the port and threads before the error leaves
+        raise
     await stopping.wait()
     log.info("shutting down (grace %.0f s)", settings.grace_period)
     await server.stop()

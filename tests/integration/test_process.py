@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 import pytest
@@ -81,3 +82,14 @@ def test_bad_settings_are_a_usage_error(serve: list[subprocess.Popen[str]]) -> N
     _, err = process.communicate(timeout=60)
     assert process.returncode == 2
     assert "workers" in err
+
+
+def test_a_missing_repository_is_a_clear_error(
+    serve: list[subprocess.Popen[str]], tmp_path: Path
+) -> None:
+    process = start(serve, "--models", str(tmp_path / "absent"))
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 1
+    assert "is not a folder" in err
+    assert "Traceback" not in err
+    assert "never awaited" not in err
