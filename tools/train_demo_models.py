@@ -32,7 +32,9 @@ from torch import nn
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "service"))
+sys.path.insert(0, str(ROOT))
 
+from bench.small_resnet import SmallResNet  # noqa: E402  (the benchmarks' reference CNN)
 from xaid_server.demo import shapes  # noqa: E402
 from xaid_server.model_config import load_config  # noqa: E402
 
@@ -59,50 +61,6 @@ PATCH_SIDE = (6, 16)
 CORE_DEPTH = 12  # depth weights stop growing this many pixels inside the object
 OCCLUSION_WINDOW = 8
 OCCLUSION_STRIDE = 4
-
-
-class ResidualBlock(nn.Module):
-    """Two 3x3 conv + BatchNorm layers with an identity (or 1x1 projection) shortcut."""
-
-    def __init__(self, cin: int, cout: int, stride: int) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.shortcut: nn.Module = nn.Identity()
-        if stride != 1 or cin != cout:
-            self.shortcut = nn.Sequential(
-                nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)
-            )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.relu(self.bn1(self.conv1(x)))
-        return torch.relu(self.bn2(self.conv2(y)) + self.shortcut(x))
-
-
-class SmallResNet(nn.Module):
-    """64x64 -> stem conv + max-pool (32x32) -> blocks at 32, 16, 8 px -> global pool -> logits."""
-
-    def __init__(self, classes: int, widths: tuple[int, int, int, int] = (16, 16, 32, 64)) -> None:
-        super().__init__()
-        self.stem = nn.Sequential(
-            nn.Conv2d(3, widths[0], 3, 1, 1, bias=False),
-            nn.BatchNorm2d(widths[0]),
-            nn.ReLU(),
-            nn.MaxPool2d(2),
-        )
-        self.blocks = nn.Sequential(
-            ResidualBlock(widths[0], widths[1], 1),
-            ResidualBlock(widths[1], widths[2], 2),
-            ResidualBlock(widths[2], widths[3], 2),
-        )
-        self.head = nn.Linear(widths[3], classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        features = self.blocks(self.stem(x))
-        logits: torch.Tensor = self.head(features.mean(dim=(2, 3)))
-        return logits
 
 
 class StandardisedMLP(nn.Module):
