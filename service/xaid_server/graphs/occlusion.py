@@ -16,9 +16,10 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 import onnx
-from onnx import TensorProto, helper, version_converter
+from onnx import TensorProto, helper
 
 from xaid_server.errors import FailedPrecondition
+from xaid_server.graphs.opsets import with_min_opset
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +64,7 @@ def build_occlusion_graph(
     per-example dimensions not named by the window (channels) are covered whole.
     """
     ir_version = model.ir_version
-    model = _with_min_opset(model)
+    model = with_min_opset(model, MIN_OPSET, MIN_OPSET, "occlusion")
     graph = model.graph
     initializers = {t.name for t in graph.initializer}
     inputs = [i for i in graph.input if i.name not in initializers]
@@ -181,21 +182,6 @@ def _window_mask(nodes: _Nodes, rank: int) -> str:
     for inside in reversed(insides[:-1]):
         mask = nodes.op("And", [inside, mask])
     return mask
-
-
-def _with_min_opset(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy of `model` whose default-domain opset is at least MIN_OPSET."""
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
-    if opset >= MIN_OPSET:
-        copy = onnx.ModelProto()
-        copy.CopyFrom(model)
-        return copy
-    try:
-        return version_converter.convert_version(model, MIN_OPSET)
-    except (RuntimeError, onnx.checker.ValidationError) as exc:
-        raise FailedPrecondition(
-            f"occlusion: the model's opset {opset} could not be upgraded to {MIN_OPSET}"
-        ) from exc
 
 
 def _prune(graph: onnx.GraphProto) -> None:

@@ -7,12 +7,13 @@ from collections.abc import Callable, Iterable
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, version_converter
+from onnx import TensorProto, helper
 
 from xaid_server.errors import FailedPrecondition, InvalidArgument
 from xaid_server.graphs.gradient import rules, spatial
 from xaid_server.graphs.gradient.emit import FLOAT_TYPES, PREFIX, Context, Emitter, Rule
 from xaid_server.graphs.gradient.shapes import Tensors, probe, subgraph_inputs
+from xaid_server.graphs.opsets import default_opset, with_min_opset
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +91,7 @@ def build_gradient_graph(
             f"relu must be one of {', '.join(RELU_RULES)}, got {relu!r}", field="relu"
         )
     ir_version = model.ir_version
-    model = _upgraded(model)
+    model = with_min_opset(model, MIN_OPSET, UPGRADE_OPSET, "gradient")
     graph = model.graph
     _check_names(graph)
     initializers = {t.name for t in graph.initializer}
@@ -119,7 +120,7 @@ def build_gradient_graph(
 
     emit = Emitter()
     seed = _seed(emit, tensors, output)
-    grad = _backward(graph, emit, tensors, path, seed, wrt, output, relu, _opset(model))
+    grad = _backward(graph, emit, tensors, path, seed, wrt, output, relu, default_opset(model))
     emit.op("Identity", [grad], out=GRADIENT)
     batch = _batch_dim(inputs[0])
     graph.input.append(helper.make_tensor_value_info(TARGET, TensorProto.INT64, [batch]))
@@ -272,25 +273,6 @@ def _batch_dim(value_info: onnx.ValueInfoProto) -> str | int:
     if dim.HasField("dim_value"):
         return dim.dim_value
     return dim.dim_param or "batch"
-
-
-def _upgraded(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy of `model` at opset MIN_OPSET or later."""
-    opset = _opset(model)
-    if opset >= MIN_OPSET:
-        copy = onnx.ModelProto()
-        copy.CopyFrom(model)
-        return copy
-    try:
-        return version_converter.convert_version(model, UPGRADE_OPSET)
-    except (RuntimeError, onnx.checker.ValidationError) as exc:
-        raise FailedPrecondition(
-            f"the model's opset {opset} could not be upgraded to {UPGRADE_OPSET}"
-        ) from exc
-
-
-def _opset(model: onnx.ModelProto) -> int:
-    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
 
 
 def _check_names(graph: onnx.GraphProto) -> None:
