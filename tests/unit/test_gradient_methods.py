@@ -275,30 +275,30 @@ def demo_model(tmp_path: Path, name: str) -> LoadedModel:
 def shapes_inputs(model: LoadedModel) -> np.ndarray:
     image = model.config.image
     assert image is not None
-    paths = sorted((DEMO / "examples").glob("*.png"))[:2]
-    pixels = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in paths])
+    pixels = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in SHAPES_EXAMPLES])
     x = (pixels.astype(np.float32) / np.float32(image.scale) - np.asarray(image.mean)) / np.asarray(
         image.std
     )
     return np.ascontiguousarray(x.transpose(0, 3, 1, 2), dtype=np.float32)
 
 
-def ig_inputs(model: LoadedModel) -> np.ndarray:
-    """Example inputs of a demo model.
+SHAPES_EXAMPLES = sorted((DEMO / "examples").glob("*.png"))
+# Examples whose 50-step Gauss-Legendre error from the zero baseline exceeds 1% of the gap,
+# measured: star.png 2.3%, tabular row 0 1.07%. It is quadrature error over the ReLU kinks
+# along the path and does not fall monotonically with the steps (cross.png: 0.08% at 50, 1.6%
+# at 200, 0.06% at 400); at 400 steps every example is below 0.4%. METHODS.md asks for < 1% at
+# 50 steps on the demo models: these two examples miss it.
+SLOW_TO_CONVERGE = {("shapes", 3), ("tabular", 0)}
 
-    The tabular example row 0 is left out of the 50-step check: from the raw-unit zero baseline
-    its Gauss-Legendre error is 1.07% of the gap (0.16% at 200 steps), quadrature error over the
-    ReLU kinks along a long path; `test_..._converges` covers it.
-    """
+
+def ig_inputs(model: LoadedModel) -> np.ndarray:
     if model.name == "shapes":
         return shapes_inputs(model)
-    return np.asarray(np.load(DEMO / "examples" / "tabular.npy")[1:4])
+    return np.asarray(np.load(DEMO / "examples" / "tabular.npy"))
 
 
-@pytest.mark.parametrize(("name", "steps"), [("shapes", 50), ("tabular", 50)])
-def test_integrated_gradients_completeness_on_the_demo_models(
-    tmp_path: Path, name: str, steps: int
-) -> None:
+def relative_deltas(tmp_path: Path, name: str, steps: int) -> np.ndarray:
+    """|convergence_delta| / |F(x) - F(baseline)| for every example of a demo model."""
     model = demo_model(tmp_path, name)
     x = ig_inputs(model)
     explanation, ctx = explain(IG, model, x, {"n_steps": steps})
@@ -308,24 +308,21 @@ def test_integrated_gradients_completeness_on_the_demo_models(
     scores = model.session.run(None, {model.input.name: baseline})[0].astype(np.float64)
     gap = ctx.scores - scores[np.arange(len(x)), ctx.target.classes]
     assert np.all(np.abs(gap) > 0)
-    assert np.all(np.abs(explanation.convergence_delta) < 0.01 * np.abs(gap)), (
-        explanation.convergence_delta,
-        gap,
-    )
     total = explanation.attribution.reshape(len(x), -1).astype(np.float64).sum(axis=1)
     np.testing.assert_allclose(
         explanation.convergence_delta, total - gap, rtol=1e-3, atol=1e-4 * np.abs(gap).max()
     )
+    return np.asarray(np.abs(explanation.convergence_delta) / np.abs(gap))
 
 
-def test_integrated_gradients_converges_on_every_tabular_example(tmp_path: Path) -> None:
-    model = demo_model(tmp_path, "tabular")
-    x = np.load(DEMO / "examples" / "tabular.npy")
-    explanation, ctx = explain(IG, model, x, {"n_steps": 200})
-    assert explanation.convergence_delta is not None
-    baseline = model.session.run(None, {model.input.name: np.zeros_like(x)})[0]
-    gap = ctx.scores - baseline[np.arange(len(x)), ctx.target.classes]
-    assert np.all(np.abs(explanation.convergence_delta) < 0.01 * np.abs(gap))
+@pytest.mark.parametrize("name", ["shapes", "tabular"])
+def test_integrated_gradients_completeness_on_the_demo_models(tmp_path: Path, name: str) -> None:
+    assert SHAPES_EXAMPLES[3].name == "star.png"
+    at_50 = relative_deltas(tmp_path, name, 50)
+    for row, relative in enumerate(at_50):
+        limit = 0.03 if (name, row) in SLOW_TO_CONVERGE else 0.01
+        assert relative < limit, (name, row, relative)
+    assert np.all(relative_deltas(tmp_path, name, 400) < 0.01)
 
 
 def test_grad_cam_on_the_shapes_model(tmp_path: Path) -> None:
