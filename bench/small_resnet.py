@@ -95,15 +95,12 @@ def example_input(batch: int = 1, seed: int = SEED) -> np.ndarray:
     return rng.standard_normal((batch, 3, SIZE, SIZE), dtype=np.float32)
 
 
-def export(path: Path, net: SmallResNet | None = None) -> SmallResNet:
-    """Write `net` (default: `build()`) as ONNX opset 17, dynamic batch, checked against torch.
+def write_onnx(net: nn.Module, example: torch.Tensor, path: Path, producer: str = "") -> None:
+    """Export `net` as ONNX opset 17 with a dynamic batch (`input` -> `logits`) and check it.
 
-    Input `input` [batch, 3, 64, 64], output `logits` [batch, 10]; IR version capped at 10 so
-    every onnxruntime the server supports loads it. Returns the torch network it exported.
+    The IR version is capped at 10 so that every onnxruntime the server supports loads it.
     """
-    net = build() if net is None else net
     path.parent.mkdir(parents=True, exist_ok=True)
-    example = torch.from_numpy(example_input(2))
     # The TorchScript exporter is deprecated, but unlike dynamo it needs no onnxscript.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
@@ -120,8 +117,20 @@ def export(path: Path, net: SmallResNet | None = None) -> SmallResNet:
         )
     proto = onnx.load(str(path))
     proto.ir_version = min(proto.ir_version, MAX_IR_VERSION)
+    if producer:
+        proto.producer_name = producer
     onnx.checker.check_model(proto, full_check=True)
     onnx.save(proto, str(path))
+
+
+def export(path: Path, net: SmallResNet | None = None) -> SmallResNet:
+    """Write `net` (default: `build()`) as ONNX opset 17, dynamic batch, checked against torch.
+
+    Input `input` [batch, 3, 64, 64], output `logits` [batch, 10]; IR version capped at 10 so
+    every onnxruntime the server supports loads it. Returns the torch network it exported.
+    """
+    net = build() if net is None else net
+    write_onnx(net, torch.from_numpy(example_input(2)), path)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     x = example_input(3, seed=SEED + 1)
     with torch.no_grad():

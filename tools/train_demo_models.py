@@ -17,13 +17,11 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-import onnx
 import onnxruntime as ort
 import torch
 import yaml
@@ -34,13 +32,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "service"))
 sys.path.insert(0, str(ROOT))
 
-from bench.small_resnet import SmallResNet  # noqa: E402  (the benchmarks' reference CNN)
+from bench.small_resnet import SmallResNet, write_onnx  # noqa: E402  (the benchmarks' reference CNN)
 from xaid_server.demo import shapes  # noqa: E402
 from xaid_server.model_config import load_config  # noqa: E402
 
 DEMO = ROOT / "service" / "xaid_server" / "demo"
-OPSET = 17
-MAX_IR_VERSION = 10  # the newest IR that onnxruntime 1.20+ loads
 TOLERANCE = 1e-4  # onnxruntime against torch, max abs difference of the logits
 
 # Seeds: one per purpose, so that test data can never overlap training data.
@@ -188,27 +184,7 @@ def predict(model: nn.Module, x: torch.Tensor, batch: int = 500) -> npt.NDArray[
 def export(model: nn.Module, example: torch.Tensor, path: Path) -> ort.InferenceSession:
     """Export to ONNX (opset 17, dynamic batch), check it, and match onnxruntime against torch."""
     model.eval()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # The TorchScript exporter is deprecated, but unlike the dynamo one it needs no onnxscript.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        torch.onnx.export(
-            model,
-            (example,),
-            str(path),
-            input_names=["input"],
-            output_names=["logits"],
-            opset_version=OPSET,
-            dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
-            do_constant_folding=True,
-            dynamo=False,
-        )
-    proto = onnx.load(str(path))
-    if proto.ir_version > MAX_IR_VERSION:
-        proto.ir_version = MAX_IR_VERSION
-    proto.producer_name = "xaid tools/train_demo_models.py"
-    onnx.checker.check_model(proto, full_check=True)
-    onnx.save(proto, str(path))
+    write_onnx(model, example, path, producer="xaid tools/train_demo_models.py")
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     generator = torch.Generator().manual_seed(TORCH_SEED)
     for batch in (1, 7):
