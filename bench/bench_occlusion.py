@@ -108,17 +108,6 @@ def occlusion_starts(height: int, width: int) -> np.ndarray:
     return np.stack(np.meshgrid(rows, cols, indexing="ij"), axis=-1).reshape(-1, 2)
 
 
-def server_chunk(evaluations: int, max_batch: int, item_bytes: int, runner: BatchRunner) -> int:
-    """The chunk the server's occlusion explainer runs: equal chunks within the runner's limit.
-
-    Mirrors `xaid_server.explainers.occlusion` (as many runs as the largest chunk would need,
-    each equally long) with a `BatchRunner` holding the server's memory budget, so the split
-    below follows the server's schedule.
-    """
-    runs = -(-evaluations // runner.chunk_size(max_batch, item_bytes))
-    return runner.chunk_size(-(-evaluations // runs), item_bytes)
-
-
 def occluded_copies(x: np.ndarray, starts: np.ndarray) -> np.ndarray:
     """[N, C, H, W]: one copy of `x` per window, the window filled with the baseline."""
     copies = np.repeat(x, len(starts), axis=0)
@@ -148,8 +137,8 @@ class Case:
         self.peak_batch = rng.standard_normal((PEAK_BATCH, channels, height, width), np.float32)
         self.starts = occlusion_starts(height, width)
         self.copies = occluded_copies(self.x, self.starts)
-        self.chunk = server_chunk(
-            len(self.starts), model.config.max_batch_size, self.x[0].nbytes, runner
+        self.chunk = runner.balanced_chunk(
+            len(self.starts), model.config.max_batch_size, self.x[0].nbytes
         )
         self.first = self.explain()
         self.target = int(self.first.target.class_indices[0])

@@ -116,9 +116,7 @@ class OcclusionExplainer(Explainer[OcclusionParams]):
             WINDOW: np.asarray(params.window, dtype=np.int64),
             BASELINE: np.asarray(params.baseline, dtype=x.dtype),
         }
-        # equal chunks rather than full ones and a short tail: as many runs, each one smaller
-        runs = -(-len(starts) // ctx.runner.chunk_size(model.config.max_batch_size, x[0].nbytes))
-        chunk = -(-len(starts) // runs)
+        chunk = ctx.runner.balanced_chunk(len(starts), model.config.max_batch_size, x[0].nbytes)
         attribution = np.empty(x.shape, dtype=np.float32)
         for row in range(len(x)):
             fixed[X] = np.ascontiguousarray(x[row : row + 1])

@@ -77,6 +77,11 @@ class BatchRunner:
         """Largest chunk within the model's max batch and the memory budget (at least one)."""
         return max(1, min(max_batch, self.max_chunk_bytes // max(1, item_bytes)))
 
+    def balanced_chunk(self, n: int, max_batch: int, item_bytes: int) -> int:
+        """Equal chunks instead of full ones and a short tail: as many runs, each one smaller."""
+        runs = -(-n // self.chunk_size(max_batch, item_bytes))
+        return self.chunk_size(-(-n // runs), item_bytes)
+
     def run(
         self,
         session: ort.InferenceSession,
