@@ -1,0 +1,169 @@
+"""LIME and KernelSHAP through the server: gRPC, the client, the CLI, the pointing game and the
+`lime` package on the shapes model."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from PIL import Image
+
+import xaid
+from tests.integration.test_pointing_game import model_inputs
+from xaid.cli import main
+from xaid_server.demo.shapes import generate
+from xaid_server.model_config import load_config
+from xaid_server.settings import DEMO_MODELS
+
+EXAMPLES = DEMO_MODELS.parent / "examples"
+SAMPLES = 500  # per image, for xaid and for the `lime` package alike
+
+
+@pytest.fixture(scope="module")
+def client(server_address: str) -> xaid.Client:
+    return xaid.Client(server_address, timeout=300)
+
+
+def test_lime_over_grpc_with_a_heatmap(client: xaid.Client) -> None:
+    star = EXAMPLES / "star.png"
+    slic = {"algorithm": "slic", "n_segments": 30}
+    first = client.explain(
+        "shapes", star, "lime", seed=7, render=True, n_samples=300, segmentation=slic
+    )
+    again = client.explain("shapes", star, "lime", seed=7, n_samples=300, segmentation=slic)
+    (segments,) = first.segments
+    assert segments.segment_map.shape == (64, 64)
+    assert len(segments.weights) == segments.segment_map.max() + 1
+    assert segments.weights == again.segments[0].weights  # seeded: the same answer
+    assert 0.0 < segments.score <= 1.0
+    assert first.parameters["n_samples"] == 300
+    assert first.parameters["kernel_width"] == 0.25
+    assert first.parameters["fill"] == "mean"
+    assert first.model_evaluations == 1 + 300
+    top = int(np.argmax(segments.weights))
+    np.testing.assert_allclose(
+        first.attribution[0, 0][segments.segment_map == top], segments.weights[top], rtol=1e-6
+    )
+    with Image.open(star) as picture:
+        assert first.heatmaps[0].size == picture.size
+
+
+def test_kernel_shap_efficiency_over_grpc(client: xaid.Client) -> None:
+    rows = np.load(EXAMPLES / "tabular.npy")[:3].astype(np.float32)
+    explanation = client.explain("tabular", rows, "kernel_shap", target=1)
+    logits = explanation.prediction["logits"][:, 1].astype(np.float64)
+    assert len(explanation.segments) == 3
+    for row, segments in enumerate(explanation.segments):
+        delta = logits[row] - segments.base_value
+        assert abs(sum(segments.weights) - delta) <= 1e-6 * abs(delta)
+        assert segments.names[20] == "worst radius"
+    assert explanation.parameters["n_samples"] == 2 * 30 + 2048
+    assert explanation.model_evaluations == 3 + 3 * (2 * 30 + 2048 + 1)
+
+
+def test_async_client_lime_on_tabular(server_address: str) -> None:
+    import asyncio
+
+    rows = np.load(EXAMPLES / "tabular.npy")[:1].astype(np.float32)
+
+    async def run() -> xaid.Explanation:
+        async with xaid.AsyncClient(server_address, timeout=120) as client:
+            return await client.explain("tabular", rows, "lime", n_samples=500)
+
+    explanation = asyncio.run(run())
+    names = explanation.segments[0].names
+    assert any(" > " in n or " <= " in n for n in names)
+    assert explanation.parameters["fill"] == "quartiles"
+
+
+def test_cli_explains_with_lime(
+    server_address: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "lime.png"
+    heart = EXAMPLES / "heart.png"
+    argv = ["--server", server_address, "explain", "--model", "shapes", "--method", "lime"]
+    argv += [str(heart), "--samples", "100", "--no-progress"]
+    assert main([*argv, "--segmentation", "grid", "--out", str(out), "--json", "--seed", "3"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["parameters"]["segmentation"] == {"algorithm": "grid", "cell_size": 8}
+    assert len(printed["segments"][0]["weights"]) == 64
+    with Image.open(out) as written, Image.open(heart) as picture:
+        assert written.size == picture.size
+    assert main([*argv, "--param", "fill=blur"]) == 1
+    assert "INVALID_ARGUMENT" in capsys.readouterr().err
+
+
+def test_lime_points_at_the_shape(client: xaid.Client) -> None:
+    """The top segment touches the object in >= 90 of 100 fresh images.
+
+    A segment map has no single maximum pixel: every pixel of the top segment ties, so the
+    point is the top segment itself. The baseline fill, unlike each segment's mean colour,
+    hides the solid shapes' segments; SLIC segments follow their outlines.
+    """
+    images, _, masks = generate(np.random.default_rng(20261129), 100)
+    x = model_inputs(images)
+    hits = 0
+    for start in range(0, 100, 20):
+        explanation = client.explain(
+            "shapes",
+            x[start : start + 20],
+            "lime",
+            seed=start,
+            n_samples=200,
+            fill="baseline",
+            segmentation={"algorithm": "slic"},
+        )
+        for row, segments in enumerate(explanation.segments):
+            top = segments.segment_map == int(np.argmax(segments.weights))
+            hits += bool(masks[start + row][top].any())
+    assert hits >= 90, f"pointing game: {hits}/100"
+
+
+def test_agrees_with_the_lime_package(client: xaid.Client) -> None:
+    """Same segments, same number of samples, mean-colour fill: top-5 segments agree on average."""
+    from lime import lime_image
+
+    config = load_config(DEMO_MODELS / "shapes" / "config.yaml")
+    assert config.image is not None
+    mean = np.asarray(config.image.mean, np.float32)
+    std = np.asarray(config.image.std, np.float32)
+    session = ort.InferenceSession(
+        str(DEMO_MODELS / "shapes" / "1" / "model.onnx"), providers=["CPUExecutionProvider"]
+    )
+
+    def logits(pictures: np.ndarray) -> np.ndarray:
+        batch = ((pictures.astype(np.float32) - mean) / std).transpose(0, 3, 1, 2)
+        return np.asarray(session.run(None, {"input": batch})[0])
+
+    images, _, _ = generate(np.random.default_rng(31), 20)
+    agreement = []
+    for index, picture in enumerate(images):
+        png = io.BytesIO()
+        Image.fromarray(picture).save(png, format="PNG")
+        ours = client.explain(
+            "shapes", png.getvalue(), "lime", seed=index, n_samples=SAMPLES
+        ).segments[0]
+        target = int(np.argmax(logits(picture[None] / 255.0)[0]))
+        theirs = lime_image.LimeImageExplainer().explain_instance(
+            picture / 255.0,
+            logits,
+            labels=(target,),
+            top_labels=None,
+            hide_color=None,
+            num_samples=SAMPLES,
+            batch_size=100,
+            segmentation_fn=lambda _, ids=ours.segment_map: ids,
+            random_seed=index,
+        )
+        weights = np.zeros(len(ours.weights))
+        for segment, weight in theirs.local_exp[target]:
+            weights[segment] = weight
+        top_ours = set(np.argsort(-np.asarray(ours.weights))[:5].tolist())
+        top_theirs = set(np.argsort(-weights)[:5].tolist())
+        agreement.append(len(top_ours & top_theirs))
+    assert np.mean(agreement) >= 4, agreement
+    print(f"top-5 agreement with lime: {np.mean(agreement):.2f} of 5 ({agreement})")
