@@ -490,6 +490,8 @@ def pool(op: str, size: tuple[int, ...] = (7, 6), channels: int = 3, **attrs: An
 
 POOL = {
     "max_k2_s2": pool("MaxPool", kernel_shape=[2, 2], strides=[2, 2]),
+    "max_k2_s2_tiling": pool("MaxPool", size=(8, 6), kernel_shape=[2, 2], strides=[2, 2]),
+    "max_k3_s3_tiling": pool("MaxPool", size=(6, 9), kernel_shape=[3, 3], strides=[3, 3]),
     "max_k3_s2_p1_overlapping": pool(
         "MaxPool", kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1]
     ),
@@ -643,6 +645,32 @@ def test_ir_version_stays_loadable(ir_version: int, opset: int, expected: int) -
     assert grad_model.ir_version == expected
     assert {o.domain for o in grad_model.opset_import} == {""}
     assert all(n.domain == "" for n in grad_model.graph.node)
+
+
+@pytest.mark.parametrize("block", [2, 3])
+def test_tiling_max_pool_routes_ties_to_the_first_maximum(block: int) -> None:
+    """Windows of equal values (a ReLU's zeros) give their gradient to the first, row-major."""
+    shape = (1, 2, 2 * block, 2 * block)
+    model = make_model(
+        [node("MaxPool", ["x"], ["y"], kernel_shape=[block, block], strides=[block, block])],
+        [helper.make_tensor_value_info("x", F64, ["b", *shape[1:]])],
+        [helper.make_tensor_value_info("y", F64, ["b", 2, 2, 2])],
+    )
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 2, shape).astype(np.float64)  # many ties at 0 and at 1
+    x[0, 0, :block, :block] = 0.0  # a window of zeros only
+    outputs = x[0].size // block**2
+    rows = np.repeat(x, outputs, axis=0)
+    targets = np.arange(outputs, dtype=np.int64)
+    (gradient,) = session(build_gradient_graph(model)).run([GRADIENT], {"x": rows, TARGET: targets})
+    for k in range(outputs):
+        channel, rest = divmod(k, 4)
+        top, left = (rest // 2) * block, (rest % 2) * block
+        window = x[0, channel, top : top + block, left : left + block]
+        expected = np.zeros(shape[1:])
+        first = np.unravel_index(int(np.argmax(window)), window.shape)
+        expected[channel, top + first[0], left + first[1]] = 1.0
+        np.testing.assert_array_equal(gradient[k], expected)
 
 
 def test_operand_without_batch_sums_over_rows() -> None:
