@@ -11,27 +11,22 @@ other inputs (masks, token types) would need their own batched or fixed feeds.
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import onnx
 from onnx import TensorProto, helper
 
-from xaid_server.errors import FailedPrecondition
-from xaid_server.graphs.opsets import with_min_opset
+from xaid_server.graphs.compose import PREFIX, SCORE, TARGET, compose_scored, example_type
 
-log = logging.getLogger(__name__)
-
-PREFIX = "xaid_"
 MIN_OPSET = 13  # Slice/Unsqueeze/Squeeze with tensor inputs; GreaterOrEqual (12)
 
 X = "xaid_x"
 STARTS = "xaid_starts"
 WINDOW = "xaid_window"
 BASELINE = "xaid_baseline"
-TARGET = "xaid_target"
-SCORE = "xaid_score"
+
+__all__ = ["BASELINE", "SCORE", "STARTS", "TARGET", "WINDOW", "X", "build_occlusion_graph"]
 
 
 class _Nodes:
@@ -63,76 +58,26 @@ def build_occlusion_graph(
     `xaid_score` float [N], the target column of `output_name` flattened per row. Leading
     per-example dimensions not named by the window (channels) are covered whole.
     """
-    ir_version = model.ir_version
-    model = with_min_opset(model, MIN_OPSET, MIN_OPSET, "occlusion")
-    graph = model.graph
-    initializers = {t.name for t in graph.initializer}
-    inputs = [i for i in graph.input if i.name not in initializers]
-    others = [i.name for i in inputs if i.name != input_name]
-    if others:
-        raise FailedPrecondition(
-            f"occlusion supports single-input models; this model also takes {others}"
-        )
-    if not inputs:
-        raise FailedPrecondition(f"occlusion: {input_name!r} is not a model input")
-    source = inputs[0].type.tensor_type
-    output = next((o for o in graph.output if o.name == output_name), None)
-    if output is None:
-        raise FailedPrecondition(f"occlusion: {output_name!r} is not a model output")
-    if not source.HasField("shape") or len(source.shape.dim) < 2:
-        raise FailedPrecondition(
-            "occlusion needs an input of known rank with a batch and a per-example dimension"
-        )
-    if source.elem_type in (TensorProto.BOOL, TensorProto.STRING):
-        raise FailedPrecondition("occlusion needs a numeric input")
-    if any(name.startswith(PREFIX) for name in _names(graph)):
-        raise FailedPrecondition(f"occlusion: the model already uses names starting {PREFIX!r}")
 
-    nodes = _Nodes()
-    mask = _window_mask(nodes, rank=len(source.shape.dim))
-    # Captum's x * (1 - mask) + baseline * mask: exact, and faster than Where on the CPU
-    keep = nodes.op("Cast", [nodes.op("Not", [mask])], to=source.elem_type)
-    fill = nodes.op("Mul", [nodes.op("Cast", [mask], to=source.elem_type), BASELINE])
-    nodes.op("Add", [nodes.op("Mul", [X, keep]), fill], out=input_name)
-    split = len(nodes.nodes)
-    flat = nodes.op("Flatten", [output_name], axis=1)
-    score_type = output.type.tensor_type.elem_type
-    if score_type == TensorProto.FLOAT:
-        nodes.op("Gather", [flat, TARGET], out=SCORE, axis=1)
-    else:
-        picked = nodes.op("Gather", [flat, TARGET], axis=1)
-        nodes.op("Cast", [picked], out=SCORE, to=TensorProto.FLOAT)
-
-    x_type = onnx.TypeProto()
-    x_type.CopyFrom(inputs[0].type)
-    x_type.tensor_type.shape.dim[0].Clear()
-    x_type.tensor_type.shape.dim[0].dim_value = 1
-    model_nodes = list(graph.node)
-    del graph.node[:]
-    graph.node.extend([*nodes.nodes[:split], *model_nodes, *nodes.nodes[split:]])
-    graph.initializer.extend(nodes.constants)
-    del graph.input[:]
-    graph.input.extend(
-        [
-            helper.make_value_info(X, x_type),
+    def prelude(
+        source: onnx.TypeProto,
+    ) -> tuple[list[onnx.NodeProto], list[onnx.ValueInfoProto], list[onnx.TensorProto]]:
+        tensor = source.tensor_type
+        nodes = _Nodes()
+        mask = _window_mask(nodes, rank=len(tensor.shape.dim))
+        # Captum's x * (1 - mask) + baseline * mask: exact, and faster than Where on the CPU
+        keep = nodes.op("Cast", [nodes.op("Not", [mask])], to=tensor.elem_type)
+        fill = nodes.op("Mul", [nodes.op("Cast", [mask], to=tensor.elem_type), BASELINE])
+        nodes.op("Add", [nodes.op("Mul", [X, keep]), fill], out=input_name)
+        feeds = [
+            helper.make_value_info(X, example_type(source, 1)),
             helper.make_tensor_value_info(STARTS, TensorProto.INT64, ["xaid_n", "xaid_r"]),
             helper.make_tensor_value_info(WINDOW, TensorProto.INT64, ["xaid_r"]),
-            helper.make_tensor_value_info(BASELINE, source.elem_type, []),
-            helper.make_tensor_value_info(TARGET, TensorProto.INT64, []),
+            helper.make_tensor_value_info(BASELINE, tensor.elem_type, []),
         ]
-    )
-    del graph.output[:]
-    graph.output.append(helper.make_tensor_value_info(SCORE, TensorProto.FLOAT, ["xaid_n"]))
-    _prune(graph)
-    # recorded shapes hold for the model's own batch, not for N occluded rows: infer them anew
-    del graph.value_info[:]
-    model.ir_version = max(ir_version, helper.find_min_ir_version_for(list(model.opset_import)))
-    try:
-        onnx.checker.check_model(model)
-    except onnx.checker.ValidationError as exc:
-        log.warning("the occlusion graph failed the ONNX checker: %s", exc)
-        raise FailedPrecondition("occlusion: this model could not be composed with it") from exc
-    return model
+        return nodes.nodes, feeds, nodes.constants
+
+    return compose_scored(model, input_name, output_name, "occlusion", prelude, MIN_OPSET)
 
 
 def _window_mask(nodes: _Nodes, rank: int) -> str:
@@ -182,37 +127,3 @@ def _window_mask(nodes: _Nodes, rank: int) -> str:
     for inside in reversed(insides[:-1]):
         mask = nodes.op("And", [inside, mask])
     return mask
-
-
-def _prune(graph: onnx.GraphProto) -> None:
-    """Drop nodes and initializers the score does not need (onnxruntime runs dead nodes)."""
-    needed = {o.name for o in graph.output}
-    kept: list[onnx.NodeProto] = []
-    for node in reversed(graph.node):
-        if any(o in needed for o in node.output):
-            kept.append(node)
-            needed.update(node.input)
-            needed.update(_subgraph_inputs(node))
-    del graph.node[:]
-    graph.node.extend(reversed(kept))
-    for tensor in [t for t in graph.initializer if t.name not in needed]:
-        graph.initializer.remove(tensor)
-
-
-def _subgraph_inputs(node: onnx.NodeProto) -> Iterable[str]:
-    """Every name read inside the node's subgraphs (If/Loop/Scan bodies see outer tensors)."""
-    for attr in node.attribute:
-        for sub in [attr.g] if attr.HasField("g") else list(attr.graphs):
-            for inner in sub.node:
-                yield from inner.input
-                yield from _subgraph_inputs(inner)
-
-
-def _names(graph: onnx.GraphProto) -> set[str]:
-    names = {t.name for t in graph.initializer}
-    names.update(v.name for v in [*graph.input, *graph.output, *graph.value_info])
-    for node in graph.node:
-        names.update(node.input)
-        names.update(node.output)
-        names.add(node.name)
-    return names
