@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 ARGS ?=
 
-.PHONY: serve test demo lint typecheck protos bench clean
+.PHONY: serve test demo lint typecheck protos bench clean promtool
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -32,7 +32,13 @@ lint: $(VENV)/.test-installed
 typecheck: $(VENV)/.test-installed
 	$(VENV)/bin/mypy
 
-test: lint typecheck
+# promtool (Debian's prometheus package) for the monitoring tests in tests/deploy.
+promtool:
+	@command -v promtool >/dev/null || { \
+		if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+		$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq --no-install-recommends prometheus; }
+
+test: lint typecheck promtool
 	$(PY) -m pytest $(ARGS)
 
 protos: $(VENV)/.test-installed

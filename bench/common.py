@@ -18,7 +18,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -241,7 +241,10 @@ class ServerProcess:
     caller on the same host sees, not time lost to the bench's own threads.
     """
 
-    def __init__(self, models: Path, *, startup_s: float = STARTUP_S) -> None:
+    def __init__(
+        self, models: Path, *, startup_s: float = STARTUP_S, options: Sequence[str] = ()
+    ) -> None:
+        """`options` are more command-line flags; a flag given again there wins."""
         self.port = free_port()
         self.argv = [
             "--models",
@@ -254,6 +257,7 @@ class ServerProcess:
             "0",
             "--log-level",
             "WARNING",
+            *options,
         ]
         #: The settings the server parses from the same command line and environment.
         self.settings = load_settings(self.argv)

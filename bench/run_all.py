@@ -21,7 +21,7 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script: make `bench` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import bench_occlusion, bench_predict
+from bench import bench_batching, bench_gradients, bench_lime, bench_occlusion, bench_predict
 from bench.bench_occlusion import ROUNDS
 from bench.bench_predict import CALLS
 from bench.common import (
@@ -59,6 +59,12 @@ def wait_quiet(limit_s: float) -> float | None:
 def default_name(providers: Sequence[str]) -> str:
     device = "gpu" if providers and providers[0] == "CUDAExecutionProvider" else "cpu"
     return f"{device}-{cores()}core"
+
+
+def gradients_summary(gradients: dict[str, Any]) -> dict[str, Any]:
+    """The gradient methods' ratios to Captum and whether each target was met."""
+    row = gradients["grpc_versus_captum"] or {}
+    return {"ratios": row.get("ratios", {}), "targets": row.get("targets", {})}
 
 
 def summary(predict: dict[str, Any], occlusion: dict[str, Any]) -> dict[str, Any]:
@@ -132,6 +138,14 @@ def markdown(results: dict[str, Any]) -> str:
                 f"- `{model}` occlusion {key.replace('_over_', ' / ')}: {times(entry[key])} "
                 f"(target <= {target['limit']}): {verdict}"
             )
+    gradients = results["summary"]["gradients"]
+    for key, target in gradients["targets"].items():
+        verdict = "met" if target["met"] else "**missed**"
+        lines.append(
+            f"- `small_resnet` {key.replace('_xaid_over_', ' xaid / ')}: "
+            f"{times(gradients['ratios'][key])} (target <= {target['limit']}): {verdict}"
+        )
+    lines += bench_lime.verdicts(results["lime"])
     lines += [
         "",
         "## Results",
@@ -140,6 +154,12 @@ def markdown(results: dict[str, Any]) -> str:
         *reference_lines(results["occlusion"]),
         "",
         *bench_predict.markdown(results["predict"]),
+        "",
+        *bench_batching.markdown(results["batching"]),
+        "",
+        *bench_gradients.markdown(results["gradients"]),
+        "",
+        *bench_lime.markdown(results["lime"]),
         "",
     ]
     return "\n".join(lines)
@@ -172,6 +192,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(bench_occlusion.report(occlusion), flush=True)
         predict = bench_predict.run(repository, calls=50 if args.quick else CALLS)
         print(bench_predict.report(predict), flush=True)
+        batching = bench_batching.run(seconds=2.0 if args.quick else bench_batching.SECONDS)
+        print(bench_batching.report(batching), flush=True)
+        gradients = bench_gradients.run(
+            repository, rounds=3 if args.quick else bench_gradients.ROUNDS
+        )
+        print(bench_gradients.report(gradients), flush=True)
+        lime = bench_lime.run(repository, rounds=2 if args.quick else bench_lime.ROUNDS)
+        print(bench_lime.report(lime), flush=True)
     info = machine(occlusion["providers"])
     info["busy_share"] = {"before": before, "during": during.share}
     name = args.name or default_name(occlusion["providers"])
@@ -179,9 +207,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "name": name,
         "machine": info,
         "seconds": time.perf_counter() - began,
-        "summary": summary(predict, occlusion),
+        "summary": {**summary(predict, occlusion), "gradients": gradients_summary(gradients)},
         "occlusion": occlusion,
         "predict": predict,
+        "batching": batching,
+        "gradients": gradients,
+        "lime": lime,
     }
     write_json(results, args.out / f"{name}.json")
     (args.out / f"{name}.md").write_text(markdown(results), encoding="utf-8")

@@ -19,7 +19,9 @@ from torch import nn
 
 SIZE = 64
 CLASSES = 10
-WIDTHS = (16, 16, 32, 64)
+# These widths reproduce the reference figures (cpu-anchors-2core.json: onnxruntime 2428 img/s at
+# batch 64, 1953 at batch 1; torch 515 at batch 64) within about 10% on the 2-core machine.
+WIDTHS = (32, 32, 64, 128)
 SEED = 0
 OPSET = 17
 MAX_IR_VERSION = 10  # the newest IR that onnxruntime 1.20+ loads

@@ -11,6 +11,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTO_ROOT = ROOT / "proto"
+#: Protos whose package is public (`inference`, also registered by tritonclient) get a descriptor
+#: pool of their own, so that one process can import both without a duplicate-symbol error.
+PRIVATE_POOL = ("xaid/oip/",)
 
 
 def proto_files() -> list[Path]:
@@ -39,6 +42,12 @@ def generate(out_dir: Path) -> list[Path]:
     ]
     if protoc.main(args) != 0:
         raise SystemExit("protoc failed")
+    for source in sources:
+        if source.startswith(PRIVATE_POOL):
+            module = out_dir / source.replace(".proto", "_pb2.py")
+            text = module.read_text(encoding="utf-8")
+            pool = text.replace("_descriptor_pool.Default()", "_descriptor_pool.DescriptorPool()")
+            module.write_text(pool, encoding="utf-8")
     return generated_files(out_dir)
 
 

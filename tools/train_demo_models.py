@@ -6,8 +6,10 @@ Usage: python tools/train_demo_models.py   (needs the `ref` extra: torch, scikit
   global average pool) on procedural images from xaid_server.demo.shapes.
 - tabular: an MLP on scikit-learn's breast-cancer data, standardisation inside the graph so that
   it takes raw feature values.
+- text: token ids -> embedding -> 1-D convolution -> masked mean -> linear, on sentences from
+  xaid_server.demo.reviews (`--only text` trains it alone).
 
-Writes service/xaid_server/demo/models/{shapes,tabular}/ (model.onnx in version folder 1 and
+Writes service/xaid_server/demo/models/{shapes,tabular,text}/ (model.onnx in version folder 1 and
 config.yaml) and service/xaid_server/demo/examples/. Each export is checked against torch with
 onnxruntime before it is written.
 """
@@ -33,8 +35,9 @@ sys.path.insert(0, str(ROOT / "service"))
 sys.path.insert(0, str(ROOT))
 
 from bench.small_resnet import SmallResNet, write_onnx  # noqa: E402  (the benchmarks' reference CNN)
-from xaid_server.demo import shapes  # noqa: E402
+from xaid_server.demo import reviews, shapes  # noqa: E402
 from xaid_server.model_config import load_config  # noqa: E402
+from xaid_server.tokens import tokenize  # noqa: E402
 
 DEMO = ROOT / "service" / "xaid_server" / "demo"
 TOLERANCE = 1e-4  # onnxruntime against torch, max abs difference of the logits
@@ -45,8 +48,13 @@ SHAPES_TEST_SEED = 2
 SHAPES_EXAMPLES_SEED = 3
 TORCH_SEED = 0
 TABULAR_SPLIT_SEED = 0
+TABULAR_BACKGROUND_ROWS = 100  # KernelSHAP's reference rows, drawn from the training split
+TEXT_TRAIN_SEED = 4
+TEXT_TEST_SEED = 5
+TEXT_EXAMPLES_SEED = 6
 
 SIZE = 64
+SHAPES_WIDTHS = (16, 16, 32, 64)  # a quarter of the benchmark model's compute
 TRAIN_IMAGES = 40_000
 TEST_IMAGES = 2_000
 EPOCHS = 6
@@ -57,6 +65,9 @@ PATCH_SIDE = (6, 16)
 CORE_DEPTH = 12  # depth weights stop growing this many pixels inside the object
 OCCLUSION_WINDOW = 8
 OCCLUSION_STRIDE = 4
+TEXT_SENTENCES = 20_000
+TEXT_MAX_LENGTH = 32
+TEXT_UNKNOWN_RATE = 0.05  # words replaced by the unknown id in training, for unseen words
 
 
 class StandardisedMLP(nn.Module):
@@ -81,6 +92,26 @@ class StandardisedMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         logits: torch.Tensor = self.net((x - self.mean) / self.std)
+        return logits
+
+
+class TextCNN(nn.Module):
+    """Embedding (pad embeds to zero) -> Conv1d(3) -> ReLU -> mean over real tokens -> linear.
+
+    The convolution sees a word with its neighbours, so "not good" can differ from "good".
+    """
+
+    def __init__(self, vocabulary: int, classes: int, pad_id: int = 0) -> None:
+        super().__init__()
+        self.pad_id = pad_id
+        self.embedding = nn.Embedding(vocabulary, 16, padding_idx=pad_id)
+        self.conv = nn.Conv1d(16, 32, 3, padding=1)
+        self.out = nn.Linear(32, classes)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        mask = (ids != self.pad_id).unsqueeze(1).float()
+        hidden = torch.relu(self.conv(self.embedding(ids).transpose(1, 2))) * mask
+        logits: torch.Tensor = self.out(hidden.sum(2) / mask.sum(2).clamp(min=1.0))
         return logits
 
 
@@ -269,7 +300,7 @@ def train_shapes(epochs: int, train_images: int) -> None:
 
     torch.manual_seed(TORCH_SEED)
     generator = torch.Generator().manual_seed(TORCH_SEED)
-    model = SmallResNet(len(shapes.CLASSES))
+    model = SmallResNet(len(shapes.CLASSES), widths=SHAPES_WIDTHS)
     steps_per_epoch = train_images // BATCH
     optimiser = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=5e-4)
     schedule = torch.optim.lr_scheduler.OneCycleLR(
@@ -371,17 +402,33 @@ def write_examples(session: ort.InferenceSession, mean: float, std: float) -> No
             raise SystemExit(f"no good example image for {name}")
 
 
-def train_tabular() -> None:
+def tabular_split() -> tuple[Any, list[npt.NDArray[Any]]]:
+    """The breast-cancer data and its seeded split: x_train, x_test, y_train, y_test."""
     from sklearn.datasets import load_breast_cancer
     from sklearn.model_selection import train_test_split
 
-    log("tabular: breast cancer")
     data = load_breast_cancer()
     x = np.asarray(data.data, dtype=np.float64)
     y = np.asarray(data.target, dtype=np.int64)
-    x_train, x_test, y_train, y_test = train_test_split(
-        x, y, test_size=0.2, stratify=y, random_state=TABULAR_SPLIT_SEED
-    )
+    split = train_test_split(x, y, test_size=0.2, stratify=y, random_state=TABULAR_SPLIT_SEED)
+    return data, split
+
+
+def write_tabular_background() -> Path:
+    """Background rows for KernelSHAP, a seeded draw from the training split (no training)."""
+    _, (x_train, *_) = tabular_split()
+    rng = np.random.default_rng(TABULAR_SPLIT_SEED)
+    rows = np.sort(rng.choice(len(x_train), TABULAR_BACKGROUND_ROWS, replace=False))
+    path = DEMO / "models" / "tabular" / "background.npy"
+    np.save(path, x_train[rows].astype(np.float32))
+    return path
+
+
+def train_tabular() -> None:
+    log("tabular: breast cancer")
+    data, (x_train, x_test, y_train, y_test) = tabular_split()
+    x = np.asarray(data.data, dtype=np.float64)
+    y = np.asarray(data.target, dtype=np.int64)
     mean, std = x_train.mean(0), x_train.std(0)
     torch.manual_seed(TORCH_SEED)
     model = StandardisedMLP(mean, std)
@@ -431,6 +478,7 @@ def train_tabular() -> None:
                 "max": rounded(x_train.max(0)),
                 "quartiles": rounded(np.percentile(x_train, [25, 50, 75], axis=0).T),
             },
+            "background": write_tabular_background().name,
             "defaults": {"occlusion": {"window": [1], "stride": [1]}},
         },
     )
@@ -439,19 +487,103 @@ def train_tabular() -> None:
     np.save(examples / "tabular.npy", x_test[:5].astype(np.float32))
 
 
+def text_ids(sentences: list[str], index: dict[str, int], length: int) -> torch.Tensor:
+    """Token ids [n, length], padded with 0, as the server encodes text."""
+    ids = torch.zeros((len(sentences), length), dtype=torch.int64)
+    for row, sentence in enumerate(sentences):
+        tokens = tokenize(sentence)[:length]
+        ids[row, : len(tokens)] = torch.tensor([index.get(t, 1) for t in tokens])
+    return ids
+
+
+def train_text() -> None:
+    log("text: generated reviews")
+    vocabulary = reviews.vocabulary()
+    index = {token: i for i, token in enumerate(vocabulary)}
+    sentences, labels = reviews.generate(np.random.default_rng(TEXT_TRAIN_SEED), TEXT_SENTENCES)
+    test_sentences, test_labels = reviews.generate(np.random.default_rng(TEXT_TEST_SEED), 2_000)
+    x_train = text_ids(sentences, index, TEXT_MAX_LENGTH)
+    x_test = text_ids(test_sentences, index, TEXT_MAX_LENGTH)
+    y_train = torch.from_numpy(labels)
+    torch.manual_seed(TORCH_SEED)
+    generator = torch.Generator().manual_seed(TORCH_SEED)
+    model = TextCNN(len(vocabulary), len(reviews.LABELS))
+    optimiser = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=1e-4)
+    loss_fn = nn.CrossEntropyLoss()
+    for epoch in range(4):
+        model.train()
+        order = torch.randperm(len(x_train), generator=generator)
+        for start in range(0, len(x_train), 64):
+            batch = order[start : start + 64]
+            x = x_train[batch]
+            unknown = (torch.rand(x.shape, generator=generator) < TEXT_UNKNOWN_RATE) & (x > 0)
+            loss = loss_fn(model(x.masked_fill(unknown, 1)), y_train[batch])
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+        accuracy = float((predict(model, x_test).argmax(1) == test_labels).mean())
+        log(f"  epoch {epoch + 1}: test accuracy {accuracy:.4f}")
+
+    folder = DEMO / "models" / "text"
+    # a fixed sequence length: the gradient graphs need static dims besides the batch
+    session = export(model, x_test[:64], folder / "1" / "model.onnx")
+    (logits,) = session.run(["logits"], {"input": x_test.numpy()})
+    accuracy = float((np.asarray(logits).argmax(1) == test_labels).mean())
+    log(f"  onnxruntime test accuracy {accuracy:.4f} on {len(test_labels)} fresh sentences")
+    if accuracy < 0.98:
+        raise SystemExit(f"text accuracy {accuracy:.4f} is below 0.98")
+    (folder / "vocab.txt").write_text("\n".join(vocabulary) + "\n", encoding="utf-8")
+    write_config(
+        folder / "config.yaml",
+        f"# Generated by tools/train_demo_models.py (data seed {TEXT_TRAIN_SEED}, "
+        f"torch seed {TORCH_SEED}).\n",
+        {
+            "kind": "text",
+            "input": "input",
+            "output": "logits",
+            "labels": list(reviews.LABELS),
+            "max_batch_size": 64,
+            "baseline": 0.0,
+            "text": {
+                "vocabulary": "vocab.txt",
+                "pad_id": 0,
+                "unk_id": 1,
+                "max_length": TEXT_MAX_LENGTH,
+            },
+            "defaults": {"occlusion": {"window": [1], "stride": [1]}},
+        },
+    )
+    examples, _ = reviews.generate(np.random.default_rng(TEXT_EXAMPLES_SEED), 4)
+    (DEMO / "examples" / "reviews.txt").write_text("\n".join(examples) + "\n", encoding="utf-8")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--epochs", type=int, default=EPOCHS)
     parser.add_argument("--train-images", type=int, default=TRAIN_IMAGES)
     parser.add_argument("--skip-shapes", action="store_true")
     parser.add_argument("--skip-tabular", action="store_true")
+    parser.add_argument("--skip-text", action="store_true")
+    parser.add_argument(
+        "--only", choices=("shapes", "tabular", "text"), help="train this model alone"
+    )
+    parser.add_argument(
+        "--tabular-background",
+        action="store_true",
+        help="only write the tabular model's background rows (no training)",
+    )
     args = parser.parse_args(argv)
+    if args.tabular_background:
+        log(f"wrote {write_tabular_background().relative_to(ROOT)}")
+        return 0
     torch.set_num_threads(max(1, min(torch.get_num_threads(), 8)))
     started = time.perf_counter()
-    if not args.skip_tabular:
+    if not args.skip_tabular and args.only in (None, "tabular"):
         train_tabular()
-    if not args.skip_shapes:
+    if not args.skip_shapes and args.only in (None, "shapes"):
         train_shapes(args.epochs, args.train_images)
+    if not args.skip_text and args.only in (None, "text"):
+        train_text()
     for path in sorted((DEMO / "models").rglob("model.onnx")):
         log(f"{path.relative_to(ROOT)}: {path.stat().st_size / 1024:.0f} KiB")
     log(f"done in {time.perf_counter() - started:.0f}s")

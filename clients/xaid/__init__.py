@@ -11,7 +11,7 @@ internals that may change between releases.
 from importlib import metadata as _metadata
 
 from xaid._client import DEFAULT_MAX_MESSAGE_LENGTH, DEFAULT_TARGET, AsyncClient, Client
-from xaid._requests import ModelInput, explain_methods
+from xaid._requests import ModelInput, Text, explain_methods
 from xaid._results import (
     ClassScore,
     Explanation,
@@ -24,6 +24,7 @@ from xaid._results import (
     TensorSpec,
     Timing,
 )
+from xaid._tls import tls_credentials
 from xaid.errors import (
     Cancelled,
     DeadlineExceeded,
@@ -67,6 +68,7 @@ __all__ = [
     "SegmentAttribution",
     "Target",
     "TensorSpec",
+    "Text",
     "Timing",
     "Unauthenticated",
     "Unavailable",
@@ -74,4 +76,5 @@ __all__ = [
     "XaidError",
     "__version__",
     "explain_methods",
+    "tls_credentials",
 ]

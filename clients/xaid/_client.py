@@ -39,8 +39,13 @@ class _BaseClient:
         max_send_message_length: int,
         max_receive_message_length: int,
         options: Sequence[tuple[str, Any]],
+        token: str | None,
     ) -> None:
         self.target = target
+        #: Sent with every call when the server requires bearer-token authentication.
+        self._metadata: tuple[tuple[str, str], ...] = (
+            (("authorization", f"Bearer {token}"),) if token else ()
+        )
         #: Seconds each call may take; None waits as long as the server works.
         self.timeout = timeout
         self._channel_options: list[tuple[str, Any]] = [
@@ -109,6 +114,7 @@ class Client(_BaseClient):
         options: Sequence[tuple[str, Any]] = (),
         credentials: grpc.ChannelCredentials | None = None,
         channel: grpc.Channel | None = None,
+        token: str | None = None,
     ) -> None:
         super().__init__(
             target,
@@ -116,6 +122,7 @@ class Client(_BaseClient):
             max_send_message_length=max_send_message_length,
             max_receive_message_length=max_receive_message_length,
             options=options,
+            token=token,
         )
         self._owns_channel = channel is None
         if channel is None:
@@ -148,7 +155,7 @@ class Client(_BaseClient):
         request: Message,
     ) -> _Response:
         try:
-            response: _Response = method(request, timeout=self.timeout)
+            response: _Response = method(request, timeout=self.timeout, metadata=self._metadata)
         except grpc.RpcError as err:
             raise from_rpc_error(err) from err
         return response
@@ -214,7 +221,7 @@ class Client(_BaseClient):
     def _stream(
         self, request: xaid_pb2.ExplainRequest, progress: Callable[[int, int], None]
     ) -> xaid_pb2.ExplainResponse:
-        stream = self._stub.ExplainStream(request, timeout=self.timeout)
+        stream = self._stub.ExplainStream(request, timeout=self.timeout, metadata=self._metadata)
         result: xaid_pb2.ExplainResponse | None = None
         try:
             message: xaid_pb2.ExplainStreamResponse
@@ -250,6 +257,7 @@ class AsyncClient(_BaseClient):
         options: Sequence[tuple[str, Any]] = (),
         credentials: grpc.ChannelCredentials | None = None,
         channel: grpc.aio.Channel | None = None,
+        token: str | None = None,
     ) -> None:
         super().__init__(
             target,
@@ -257,6 +265,7 @@ class AsyncClient(_BaseClient):
             max_send_message_length=max_send_message_length,
             max_receive_message_length=max_receive_message_length,
             options=options,
+            token=token,
         )
         self._owns_channel = channel is None
         if channel is None:
@@ -291,7 +300,9 @@ class AsyncClient(_BaseClient):
         request: Message,
     ) -> _Response:
         try:
-            response: _Response = await method(request, timeout=self.timeout)
+            response: _Response = await method(
+                request, timeout=self.timeout, metadata=self._metadata
+            )
         except grpc.RpcError as err:
             raise from_rpc_error(err) from err
         return response
@@ -359,7 +370,7 @@ class AsyncClient(_BaseClient):
         request: xaid_pb2.ExplainRequest,
         progress: Callable[[int, int], Awaitable[None] | None],
     ) -> xaid_pb2.ExplainResponse:
-        call = self._stub.ExplainStream(request, timeout=self.timeout)
+        call = self._stub.ExplainStream(request, timeout=self.timeout, metadata=self._metadata)
         result: xaid_pb2.ExplainResponse | None = None
         try:
             message: xaid_pb2.ExplainStreamResponse

@@ -77,7 +77,10 @@ def from_tensor(tensor: xaid_pb2.Tensor, field: str = "tensor") -> np.ndarray:
             f"{len(tensor.data)} bytes for shape {list(shape)} {tensor.datatype}, "
             f"expected {expected}",
         )
-    array = np.frombuffer(tensor.data, dtype=dtype).reshape(shape)
+    try:
+        array = np.frombuffer(tensor.data, dtype=dtype).reshape(shape)
+    except ValueError:  # even an empty array has a largest shape numpy can address
+        raise TensorCodecError(f"{field}.shape", f"shape {list(shape)} is too large") from None
     return array.astype(dtype.newbyteorder("="), copy=True)
 
 

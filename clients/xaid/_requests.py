@@ -9,7 +9,8 @@ from __future__ import annotations
 import io
 import numbers
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeAlias
 
@@ -28,9 +29,24 @@ if TYPE_CHECKING:
     # Descriptors are typed as either implementation's; at run time both are the upb one.
     _Field: TypeAlias = FieldDescriptor | _upb.FieldDescriptor
 
+
+@dataclass(frozen=True)
+class Text:
+    """Text for a text model, one string per batch row; the server tokenises it."""
+
+    rows: tuple[str, ...]
+
+    def __init__(self, *rows: str | Sequence[str]) -> None:
+        flat = [r for row in rows for r in ([row] if isinstance(row, str) else row)]
+        if not flat or not all(isinstance(r, str) for r in flat):
+            raise ValueError("Text needs at least one string")
+        object.__setattr__(self, "rows", tuple(flat))
+
+
 #: Everything `predict` and `explain` accept as the model input.
 ModelInput: TypeAlias = (
-    np.ndarray
+    Text
+    | np.ndarray
     | Mapping[str, npt.ArrayLike]
     | Image.Image
     | bytes
@@ -74,33 +90,35 @@ def normalize_method(method: str) -> str:
 # ---- inputs ----
 
 
-def encode_input(x: ModelInput) -> tuple[list[xaid_pb2.Tensor], bytes]:
+def encode_input(x: ModelInput) -> tuple[list[xaid_pb2.Tensor], bytes, list[str]]:
     """The request's `inputs` tensors and `image` bytes for any accepted input form.
 
     A bare array is the model's first input (name ""); a mapping names each input. Images,
     encoded bytes and PNG/JPEG paths go as `image` for the server's preprocessing; a `.npy`
-    path is loaded and sent as an array.
+    path is loaded and sent as an array. `Text` goes as `text` for the server's tokeniser.
     """
+    if isinstance(x, Text):
+        return [], b"", list(x.rows)
     if isinstance(x, np.ndarray):
-        return [to_tensor(x)], b""
+        return [to_tensor(x)], b"", []
     if isinstance(x, Mapping):
         if not x:
             raise ValueError("the input mapping is empty; give at least one named array")
-        return [to_tensor(np.asarray(v), str(k)) for k, v in x.items()], b""
+        return [to_tensor(np.asarray(v), str(k)) for k, v in x.items()], b"", []
     if isinstance(x, Image.Image):
-        return [], encode_image(x)
+        return [], encode_image(x), []
     if isinstance(x, bytes | bytearray | memoryview):
         data = bytes(x)
         if not data:
             raise ValueError("the encoded image is empty")
-        return [], data
+        return [], data, []
     if isinstance(x, str | os.PathLike):
         path = Path(x)
         if path.suffix.lower() == ".npy":
-            return [to_tensor(np.load(path, allow_pickle=False))], b""
-        return [], path.read_bytes()
+            return [to_tensor(np.load(path, allow_pickle=False))], b"", []
+        return [], path.read_bytes(), []
     raise TypeError(
-        "input must be a numpy array, a mapping of input name to array, a PIL image, "
+        "input must be xaid.Text, a numpy array, a mapping of input name to array, a PIL image, "
         f"encoded image bytes or a path to a PNG/JPEG/.npy file, not {type(x).__name__}"
     )
 
@@ -212,9 +230,9 @@ def predict_request(
 ) -> xaid_pb2.PredictRequest:
     if top_k < 0:
         raise ValueError(f"top_k must be >= 0, not {top_k}")
-    inputs, image = encode_input(x)
+    inputs, image, text = encode_input(x)
     return xaid_pb2.PredictRequest(
-        model=model, version=version, inputs=inputs, image=image, top_k=top_k
+        model=model, version=version, inputs=inputs, image=image, text=text, top_k=top_k
     )
 
 
@@ -234,12 +252,13 @@ def explain_request(
 ) -> xaid_pb2.ExplainRequest:
     """The ExplainRequest; `params` fill the message of `method` in the request's oneof."""
     name = normalize_method(method)
-    inputs, image = encode_input(x)
+    inputs, image, text = encode_input(x)
     request = xaid_pb2.ExplainRequest(
         model=model,
         version=version,
         inputs=inputs,
         image=image,
+        text=text,
         render=render,
         evaluate=evaluate,
         input=input,

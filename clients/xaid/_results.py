@@ -145,6 +145,7 @@ class Prediction:
     outputs: dict[str, np.ndarray]
     top: list[list[ClassScore]]
     response: xaid_pb2.PredictResponse = field(repr=False)
+    tokens: list[list[str]] = field(default_factory=list)  # per row, when text was sent
 
     @classmethod
     def from_proto(cls, response: xaid_pb2.PredictResponse) -> Prediction:
@@ -154,6 +155,7 @@ class Prediction:
             outputs=_outputs(response.outputs, "outputs"),
             top=_rows(list(response.top)),
             response=response,
+            tokens=[list(row.tokens) for row in response.tokens],
         )
 
 
@@ -263,6 +265,7 @@ class Explanation:
     timing: Timing
     aggregation: str
     response: xaid_pb2.ExplainResponse = field(repr=False)
+    tokens: list[list[str]] = field(default_factory=list)  # per row, when text was sent
 
     @classmethod
     def from_proto(cls, response: xaid_pb2.ExplainResponse) -> Explanation:
@@ -298,4 +301,5 @@ class Explanation:
             ),
             aggregation=response.aggregation,
             response=response,
+            tokens=[list(row.tokens) for row in response.tokens],
         )

@@ -17,11 +17,13 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TextIO, cast
 
+import grpc
 import numpy as np
 
 from xaid._client import DEFAULT_TARGET, Client
-from xaid._requests import ModelInput, explain_methods
+from xaid._requests import ModelInput, Text, explain_methods
 from xaid._results import Explanation, ModelInfo, Prediction
+from xaid._tls import tls_credentials
 from xaid.errors import XaidError
 
 _SERVER_EXTRA_HINT = "xaid {command} needs the server extra: pip install 'xaid[server]'"
@@ -40,7 +42,14 @@ _SERVER_MODULES = frozenset(
         "grpc_status",
     }
 )
-_GLOBAL_OPTIONS_WITH_VALUE = ("--server", "--timeout")
+_GLOBAL_OPTIONS_WITH_VALUE = (
+    "--server",
+    "--timeout",
+    "--tls-ca",
+    "--tls-cert",
+    "--tls-key",
+    "--token",
+)
 
 
 class _UsageError(Exception):
@@ -131,6 +140,17 @@ def _add_connection_arguments(parser: argparse.ArgumentParser, default_server: s
         help=f"server address host:port (default: $XAID_SERVER or {DEFAULT_TARGET})",
     )
     parser.add_argument("--timeout", metavar="SECONDS", type=float, help="per-call deadline")
+    parser.add_argument("--tls-ca", metavar="PEM", help="use TLS, trusting this CA bundle")
+    parser.add_argument("--tls-cert", metavar="PEM", help="client certificate (mutual TLS)")
+    parser.add_argument("--tls-key", metavar="PEM", help="private key of --tls-cert")
+    parser.add_argument("--token", metavar="TOKEN", help="bearer token (default: $XAID_TOKEN)")
+
+
+def _credentials(args: argparse.Namespace) -> grpc.ChannelCredentials | None:
+    """TLS when any TLS option is given (the system's roots without --tls-ca), else plaintext."""
+    if not (args.tls_ca or args.tls_cert or args.tls_key):
+        return None
+    return tls_credentials(args.tls_ca, args.tls_cert, args.tls_key)
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -176,6 +196,14 @@ def _build_parser() -> argparse.ArgumentParser:
         "--stride", type=int, nargs="+", metavar="N", help="occlusion stride, e.g. 4 4"
     )
     explain.add_argument("--baseline", type=float, metavar="V", help="baseline input value")
+    explain.add_argument(
+        "--samples", type=int, metavar="N", help="samples (lime, kernel_shap, smoothgrad)"
+    )
+    explain.add_argument(
+        "--segmentation",
+        choices=["slic", "quickshift", "grid"],
+        help="image segments for lime and kernel_shap",
+    )
     explain.add_argument("--target", type=int, metavar="CLASS", help="class index to explain")
     explain.add_argument("--output", default="", metavar="NAME", help="model output to explain")
     explain.add_argument("--seed", type=int, metavar="S", help="random seed")
@@ -202,11 +230,16 @@ def _add_input_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model-version", default="", metavar="V", help="model version")
     parser.add_argument("image", nargs="?", type=Path, metavar="IMAGE", help="PNG or JPEG file")
     parser.add_argument("--npy", type=Path, metavar="FILE", help="input array (.npy)")
+    parser.add_argument(
+        "--text", action="append", metavar="TEXT", help="text for a text model (repeat for rows)"
+    )
 
 
 def _load_input(args: argparse.Namespace) -> ModelInput:
-    if (args.image is None) == (args.npy is None):
-        raise _UsageError("give either an IMAGE or --npy FILE")
+    if sum(given is not None for given in (args.image, args.npy, args.text)) != 1:
+        raise _UsageError("give one of IMAGE, --npy FILE or --text TEXT")
+    if args.text is not None:
+        return Text(args.text)
     if args.npy is not None:
         array: np.ndarray = np.load(args.npy, allow_pickle=False)
         return array
@@ -283,6 +316,8 @@ def _predict(client: Client, args: argparse.Namespace) -> int:
     for row, scores in enumerate(prediction.top):
         if len(prediction.top) > 1:
             print(f"row {row}:")
+        if row < len(prediction.tokens):
+            print("tokens: " + " ".join(prediction.tokens[row]))
         rows = [["CLASS", "LABEL", "PROBABILITY", "SCORE"]]
         rows += [[str(s.index), s.label, f"{s.probability:.4f}", f"{s.score:.4f}"] for s in scores]
         print(_table(rows))
@@ -312,6 +347,7 @@ def _prediction_json(prediction: Prediction) -> dict[str, Any]:
             name: {"shape": list(value.shape), "data": value}
             for name, value in prediction.outputs.items()
         },
+        "tokens": prediction.tokens,
     }
 
 
@@ -351,6 +387,10 @@ def _explain_params(args: argparse.Namespace) -> dict[str, object]:
         value = getattr(args, name)
         if value is not None:
             params[name] = value
+    if args.samples is not None:
+        params["n_samples"] = args.samples
+    if args.segmentation is not None:
+        params["segmentation"] = {"algorithm": args.segmentation}
     for path, value in args.param:
         _nest(params, path, value)
     return params
@@ -435,7 +475,29 @@ def _explanation_json(
         },
         "heatmaps": [str(p) for p in heatmaps],
         "attribution_file": None if attribution_path is None else str(attribution_path),
+        "segments": [
+            {
+                "weights": list(s.weights),
+                "names": list(s.names),
+                "intercept": s.intercept,
+                "score": s.score,
+                "base_value": s.base_value,
+            }
+            for s in explanation.segments
+        ],
+        "tokens": [
+            [{"token": token, "weight": weight} for token, weight in row]
+            for row in _token_weights(explanation)
+        ],
     }
+
+
+def _token_weights(explanation: Explanation) -> list[list[tuple[str, float]]]:
+    """Per row of a request that sent text, each token with its weight (padding left out)."""
+    return [
+        [(token, float(weight)) for token, weight in zip(tokens, segment.weights, strict=False)]
+        for tokens, segment in zip(explanation.tokens, explanation.segments, strict=False)
+    ]
 
 
 def _print_explanation(
@@ -463,6 +525,9 @@ def _print_explanation(
             + "; insertion AUC: "
             + ", ".join(f"{v:.4f}" for v in f.insertion_auc)
         )
+    for row, weights in enumerate(_token_weights(explanation)):
+        prefix = f"row {row}: " if len(explanation.segments) > 1 else ""
+        print(prefix + " ".join(f"{token}({weight:+.3f})" for token, weight in weights))
     for path in heatmaps:
         print(f"heatmap: {path}")
     if attribution_path is not None:
@@ -488,7 +553,10 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exit_:  # argparse exits on --help (0) and on usage errors (2)
         return exit_.code if isinstance(exit_.code, int) else 2
     try:
-        with Client(args.server, timeout=args.timeout) as client:
+        token = args.token or os.environ.get("XAID_TOKEN") or None
+        with Client(
+            args.server, timeout=args.timeout, credentials=_credentials(args), token=token
+        ) as client:
             return _COMMANDS[args.command](client, args)
     except XaidError as err:
         print(f"error: {err.code.name}: {err.details}", file=sys.stderr)

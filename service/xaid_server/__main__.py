@@ -27,6 +27,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ModelLoadError as exc:
         logging.getLogger("xaid_server").error("%s", exc)
         return 1
+    except ValueError as exc:  # TLS files or tokens that the settings name but cannot be used
+        print(f"xaid serve: {exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         pass
     return 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import time
 import uuid
@@ -13,7 +14,7 @@ import grpc
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from xaid_server.errors import XaidError
+from xaid_server.errors import InvalidArgument, XaidError
 from xaid_server.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -28,21 +29,57 @@ def _rewrap(
     handler: Handler,
     unary: Callable[[Unary], Unary],
     stream: Callable[[Stream], Stream],
+    deserializer: Callable[[bytes], Any] | None = None,
 ) -> Handler:
-    """The same handler with its behaviour wrapped; only the shapes xaid serves are wrapped."""
+    """The same handler with its behaviour (and optionally its request parser) wrapped; only
+    the shapes xaid serves are wrapped."""
+    parse = deserializer or handler.request_deserializer
     if handler.unary_unary is not None:
         return grpc.unary_unary_rpc_method_handler(
             unary(cast(Unary, handler.unary_unary)),
-            request_deserializer=handler.request_deserializer,
+            request_deserializer=parse,
             response_serializer=handler.response_serializer,
         )
     if handler.unary_stream is not None:
+        behavior = handler.unary_stream
+        # a streaming handler that writes with context.write (health's Watch) is a coroutine
+        wrapped = (
+            stream(cast(Stream, behavior))
+            if inspect.isasyncgenfunction(behavior)
+            else unary(cast(Unary, behavior))
+        )
         return grpc.unary_stream_rpc_method_handler(
-            stream(cast(Stream, handler.unary_stream)),
-            request_deserializer=handler.request_deserializer,
+            wrapped,
+            request_deserializer=parse,
             response_serializer=handler.response_serializer,
         )
     return handler
+
+
+class _Undecodable:
+    """Stands for request bytes that do not parse, so the handler can answer INVALID_ARGUMENT
+    (a parser that raises makes grpc answer UNKNOWN with the exception's text)."""
+
+
+UNDECODABLE = _Undecodable()
+
+
+def _lenient(parse: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if parse is None:
+        return None
+
+    def run(data: bytes) -> Any:
+        try:
+            return parse(data)
+        except Exception:
+            return UNDECODABLE
+
+    return run
+
+
+def _check_parsed(request: Any) -> None:
+    if request is UNDECODABLE:
+        raise InvalidArgument("request: the message cannot be parsed", field="request")
 
 
 async def abort_with(context: grpc.aio.ServicerContext[Any, Any], exc: BaseException) -> NoReturn:
@@ -73,12 +110,13 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(details)
         if handler is None:
             return None
-        return _rewrap(handler, self._unary, self._stream)
+        return _rewrap(handler, self._unary, self._stream, _lenient(handler.request_deserializer))
 
     @staticmethod
     def _unary(behavior: Unary) -> Unary:
         async def run(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             try:
+                _check_parsed(request)
                 return await behavior(request, context)
             except (asyncio.CancelledError, grpc.aio.AbortError):
                 raise
@@ -93,6 +131,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             request: Any, context: grpc.aio.ServicerContext[Any, Any]
         ) -> AsyncIterator[Any]:
             try:
+                _check_parsed(request)
                 async for item in behavior(request, context):
                     yield item
             except (asyncio.CancelledError, grpc.aio.AbortError):

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import platform
 import threading
+from importlib.metadata import version
 from wsgiref.simple_server import WSGIServer
 
+import grpc
+import onnxruntime as ort
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -19,6 +23,7 @@ from prometheus_client.process_collector import ProcessCollector
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 EXPLAIN_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+LOAD_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
 REQUEST_KINDS = ("predict", "explain")
 REJECT_REASONS = ("limit", "deadline", "oom", "draining")
@@ -103,6 +108,25 @@ class Metrics:
         self.model_ready = Gauge(
             "xaid_model_ready", "1 when the model answers requests.", ("model",), registry=r
         )
+        self.model_load_duration = Histogram(
+            "xaid_model_load_duration_seconds",
+            "Time to load, check and warm one model version, whatever the result.",
+            ("model",),
+            buckets=LOAD_BUCKETS,
+            registry=r,
+        )
+        self.build_info = Gauge(
+            "xaid_build_info",
+            "Versions of xaid and of the libraries that decide its numbers (value 1).",
+            ("version", "onnxruntime", "grpcio", "python"),
+            registry=r,
+        )
+        self.build_info.labels(
+            version("xaid"),
+            ort.__version__,
+            grpc.__version__,
+            platform.python_version(),
+        ).set(1)
         for kind in REQUEST_KINDS:
             self.inflight.labels(kind)
             for reason in REJECT_REASONS:

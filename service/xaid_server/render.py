@@ -36,6 +36,7 @@ MIN_SIDE = 64  # a bare map smaller than this is upscaled so its cells stay visi
 # zlib level 1 encodes a photo-sized heatmap about 4x faster than Pillow's default of 6, for
 # output about a third larger: encoding dominates render time, and a client is waiting.
 PNG_COMPRESS_LEVEL = 1
+OUTLINE_COLOUR = (32, 32, 32)  # segment borders: dark on both colour maps' light ends
 
 
 def _lookup_table(anchors: tuple[tuple[float, tuple[int, int, int]], ...]) -> npt.NDArray[np.uint8]:
@@ -77,6 +78,7 @@ def heatmap_png(
     *,
     signed: bool | None = None,
     alpha: float = 0.55,
+    outlines: npt.NDArray[Any] | None = None,
 ) -> bytes:
     """Colour a 2-D attribution map and blend it over the background; return PNG bytes.
 
@@ -84,7 +86,8 @@ def heatmap_png(
     client sees. Signed maps are scaled symmetrically by their largest magnitude so that zero is
     always white; non-negative maps run from dark (zero) to bright (maximum). signed=None picks
     diverging exactly when the map has a negative value. NaN counts as 0 and infinities as the
-    largest finite value of their sign, so degenerate attributions still render.
+    largest finite value of their sign, so degenerate attributions still render. `outlines`, a
+    segment id per element of the map, draws the segment borders so region weights read as regions.
     """
     m = np.asarray(map2d, dtype=np.float64)
     if m.ndim != 2 or m.size == 0:
@@ -124,9 +127,25 @@ def heatmap_png(
     index = np.rint(level32 * np.float32(255)).astype(np.uint8)
     heat = Image.fromarray(table[index])
     out = heat if base is None else Image.blend(base, heat, alpha)
+    if outlines is not None:
+        out = _outline(out, outlines)
     buffer = io.BytesIO()
     out.save(buffer, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
     return buffer.getvalue()
+
+
+def _outline(image: Image.Image, segments: npt.NDArray[Any]) -> Image.Image:
+    """Darken the pixels where the segment (scaled to the picture, nearest) changes."""
+    ids = Image.fromarray(np.asarray(segments, dtype=np.int32)).resize(
+        image.size, Image.Resampling.NEAREST
+    )
+    grid = np.asarray(ids)
+    border = np.zeros(grid.shape, dtype=bool)
+    border[:, 1:] |= grid[:, 1:] != grid[:, :-1]
+    border[1:, :] |= grid[1:, :] != grid[:-1, :]
+    pixels = np.array(image.convert("RGB"))
+    pixels[border] = OUTLINE_COLOUR
+    return Image.fromarray(pixels)
 
 
 def _finite(m: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:

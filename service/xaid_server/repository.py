@@ -10,6 +10,7 @@ import contextlib
 import logging
 import re
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,8 @@ from pathlib import Path
 from xaid_server.errors import ModelLoadError, NotFound, XaidError
 from xaid_server.metrics import Metrics
 from xaid_server.model_config import load_config
+from xaid_server.model_files import read_model_file
+from xaid_server.probe import Prober
 from xaid_server.runtime.model import LoadedModel, SessionFactory, load_model
 
 log = logging.getLogger(__name__)
@@ -67,11 +70,13 @@ class ModelRepository:
         factory: SessionFactory,
         metrics: Metrics,
         prepare: Callable[[LoadedModel], None] = lambda model: None,
+        prober: Prober | None = None,
     ) -> None:
         self.root = root
         self.factory = factory
         self.metrics = metrics
         self.prepare = prepare
+        self.prober = prober
         self._served: dict[str, tuple[Fingerprint, LoadedModel]] = {}
         self._failed: dict[str, Fingerprint] = {}
         self._scan_lock = threading.Lock()
@@ -97,6 +102,7 @@ class ModelRepository:
             if not self.root.is_dir():
                 raise ModelLoadError(f"model repository {self.root.name!r} is not a folder")
             seen = set()
+            changed: list[tuple[Candidate, Fingerprint]] = []
             for folder in sorted(self.root.iterdir()):
                 if not folder.is_dir() or not MODEL_NAME.match(folder.name):
                     continue
@@ -104,31 +110,69 @@ class ModelRepository:
                 if candidate is None:
                     continue
                 seen.add(candidate.name)
-                self._consider(candidate)
+                fingerprint = self._changed(candidate)
+                if fingerprint is not None:
+                    changed.append((candidate, fingerprint))
+            vetted = self._vet([c for c, _ in changed])
+            for (candidate, fingerprint), data in zip(changed, vetted, strict=True):
+                self._consider(candidate, fingerprint, data)
             for name in set(self._served) - seen:
                 log.info("model %s removed from the repository: unloading", name)
                 self._unpublish(name)
 
-    def _consider(self, candidate: Candidate) -> None:
+    def _changed(self, candidate: Candidate) -> Fingerprint | None:
+        """The candidate's fingerprint when it is neither served nor known to fail, else None."""
         try:
             fingerprint = candidate.fingerprint()
         except OSError:
-            return  # the file vanished between listing and stat: next scan decides
+            return None  # the file vanished between listing and stat: next scan decides
         served = self._served.get(candidate.name)
         if (served and served[0] == fingerprint) or self._failed.get(candidate.name) == fingerprint:
-            return
+            return None
+        return fingerprint
+
+    def _vet(self, candidates: list[Candidate]) -> list[bytes | ModelLoadError]:
+        """Each file's bytes once its paths are checked and a child process loaded it."""
+        vetted: list[bytes | ModelLoadError] = []
+        for candidate in candidates:
+            try:
+                vetted.append(read_model_file(candidate.model_path, self.root))
+            except ModelLoadError as exc:
+                vetted.append(exc)
+        if self.prober is not None:
+            files = [
+                (data, c.model_path.parent)
+                for data, c in zip(vetted, candidates, strict=True)
+                if isinstance(data, bytes)
+            ]
+            refusals = iter(self.prober.probe_all(files))
+            for i, data in enumerate(vetted):
+                if isinstance(data, bytes):
+                    refusal = next(refusals)
+                    if refusal is not None:
+                        vetted[i] = ModelLoadError(refusal)
+        return vetted
+
+    def _consider(
+        self, candidate: Candidate, fingerprint: Fingerprint, data: bytes | ModelLoadError
+    ) -> None:
+        served = self._served.get(candidate.name)
+        began = time.perf_counter()
         try:
-            if candidate.model_path.is_symlink():
-                raise ModelLoadError("model file is a symbolic link")
+            if isinstance(data, ModelLoadError):
+                raise data
             model = load_model(
                 candidate.name,
                 candidate.version,
                 candidate.model_path,
                 load_config(candidate.config_path),
                 self.factory,
+                data,
             )
             self.prepare(model)
-        except (ModelLoadError, XaidError) as exc:
+        except Exception as exc:  # whatever a crafted file provokes, only this model fails
+            if not isinstance(exc, ModelLoadError | XaidError):
+                exc = ModelLoadError(f"{type(exc).__name__} while preparing the model")
             self._failed[candidate.name] = fingerprint
             self.metrics.model_load.labels(candidate.name, "failure").inc()
             kept = f"; still serving version {served[1].version}" if served else ""
@@ -140,6 +184,9 @@ class ModelRepository:
                 kept,
             )
             return
+        finally:
+            elapsed = time.perf_counter() - began
+            self.metrics.model_load_duration.labels(candidate.name).observe(elapsed)
         self._failed.pop(candidate.name, None)
         self._publish(model, fingerprint)
 

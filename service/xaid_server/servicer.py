@@ -92,7 +92,14 @@ def model_info(core: Core, model: LoadedModel) -> xaid_pb2.ModelInfo:
         feature_names=model.config.features.names if model.config.features else (),
     )
     reason = core.gradients_unavailable(model)
-    info.gradients.CopyFrom(xaid_pb2.GradientSupport(available=reason is None, reason=reason or ""))
+    info.gradients.CopyFrom(
+        xaid_pb2.GradientSupport(
+            available=reason is None,
+            reason=reason or "",
+            precision=model.config.precision,
+            source=core.gradient_source(model),
+        )
+    )
     image = model.config.image
     if image is not None:
         info.image.CopyFrom(
@@ -118,6 +125,7 @@ def explain_call(request: xaid_pb2.ExplainRequest, context: Context) -> ExplainC
         parameters=parameters_from_proto(getattr(request, method)) if method else {},
         inputs=decode_tensors(request.inputs, "inputs"),
         image=request.image,
+        text=list(request.text),
         input=request.input,
         target_output=request.target.output,
         target_class=request.target.class_index if request.target.HasField("class_index") else None,
@@ -148,6 +156,15 @@ def explain_response(result: ExplainResult) -> xaid_pb2.ExplainResponse:
         ),
         aggregation=result.aggregation,
     )
+    response.tokens.extend(xaid_pb2.Tokens(tokens=row) for row in result.tokens)
+    if result.faithfulness is not None:
+        response.faithfulness.CopyFrom(
+            xaid_pb2.Faithfulness(
+                deletion_auc=result.faithfulness.deletion_auc,
+                insertion_auc=result.faithfulness.insertion_auc,
+                model_evaluations=result.faithfulness.model_evaluations,
+            )
+        )
     for segment in result.segments:
         response.segments.add(
             segment_map=to_tensor(segment.segment_map, "segment_map"),
@@ -185,6 +202,7 @@ class ExplainerServicer(xaid_pb2_grpc.ExplainerServicer):
                 version=request.version,
                 inputs=decode_tensors(request.inputs, "inputs"),
                 image=request.image,
+                text=list(request.text),
                 top_k=request.top_k or 5,
                 timeout=timeout_of(context),
             )
@@ -194,6 +212,7 @@ class ExplainerServicer(xaid_pb2_grpc.ExplainerServicer):
             version=result.version,
             outputs=[to_tensor(array, name) for name, array in result.outputs],
             top=[xaid_pb2.ClassScore(**dataclasses.asdict(score)) for score in result.top],
+            tokens=[xaid_pb2.Tokens(tokens=row) for row in result.tokens],
         )
 
     async def Explain(

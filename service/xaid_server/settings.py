@@ -44,8 +44,43 @@ class Settings:
     workers: int = _setting(4, "Threads running model evaluations.")
     intra_op_threads: int = _setting(0, "onnxruntime intra-op threads per session; 0 = all cores.")
     max_deadline: float = _setting(300.0, "Longest a request may run, in seconds.")
+    default_deadline: float = _setting(
+        120.0, "Deadline of a request that sets none, in seconds (at most --max-deadline)."
+    )
+    predict_limit: int = _setting(
+        64, "Predict calls admitted at once; more get RESOURCE_EXHAUSTED (0 = no limit)."
+    )
+    explain_limit: int = _setting(
+        8, "Explain calls admitted at once; more get RESOURCE_EXHAUSTED (0 = no limit)."
+    )
+    arena_max_bytes: int = _setting(
+        0, "Cap on onnxruntime's CPU memory arena shared by all sessions, in bytes; 0 = none."
+    )
+    probe_timeout: float = _setting(
+        60.0, "Seconds a new model file may take to load in a probe process; 0 skips the probe."
+    )
+    probe_memory_bytes: int = _setting(
+        8 << 30, "Address-space cap of the probe process (CPU provider only; 0 = none)."
+    )
+    tls_cert: str = _setting("", "PEM certificate chain of the gRPC port; with --tls-key, TLS.")
+    tls_key: str = _setting("", "PEM private key of --tls-cert.")
+    tls_client_ca: str = _setting(
+        "", "PEM CA bundle: clients must present a certificate it signed (mutual TLS)."
+    )
+    auth_token_file: str = _setting(
+        "", "File of bearer tokens, one `subject:token` a line; every RPC but health needs one."
+    )
+    auth_token_env: str = _setting(
+        "", "Environment variable holding bearer tokens as comma-separated `subject:token`."
+    )
+    health_port: int = _setting(
+        -1, "Plaintext port serving only grpc.health.v1; 0 picks a free one, -1 disables."
+    )
     grace_period: float = _setting(30.0, "Seconds in-flight requests get to finish on SIGTERM.")
     log_level: str = _setting("INFO", "Logging level: DEBUG, INFO, WARNING or ERROR.")
+    gradient_cache: Path = _setting(
+        Path("~/.cache/xaid/gradients"), "Folder keeping built gradient graphs by model sha256."
+    )
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(Settings)}

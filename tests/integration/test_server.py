@@ -315,10 +315,14 @@ def bad_requests() -> Iterator[tuple[str, xaid_pb2.ExplainRequest, grpc.StatusCo
         "render",
     )
     yield (
-        "method not built yet",
-        xaid_pb2.ExplainRequest(model="tabular", inputs=[to_tensor(rows)], lime=xaid_pb2.Lime()),
-        grpc.StatusCode.UNIMPLEMENTED,
-        "",
+        "segmentation of a tabular model",
+        xaid_pb2.ExplainRequest(
+            model="tabular",
+            inputs=[to_tensor(rows)],
+            lime=xaid_pb2.Lime(segmentation=xaid_pb2.Segmentation(algorithm="slic")),
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "lime.segmentation",
     )
 
 

@@ -106,6 +106,19 @@ def test_every_setting_has_a_flag_and_a_variable() -> None:
         "grace_period": ("2.5", 2.5),
         "log_level": ("DEBUG", "DEBUG"),
         "require_gpu": ("true", True),
+        "gradient_cache": ("/c", Path("/c")),
+        "default_deadline": ("0.5", 0.5),
+        "predict_limit": ("3", 3),
+        "explain_limit": ("0", 0),
+        "arena_max_bytes": ("4096", 4096),
+        "probe_timeout": ("0", 0.0),
+        "probe_memory_bytes": ("8192", 8192),
+        "tls_cert": ("/s.pem", "/s.pem"),
+        "tls_key": ("/s.key", "/s.key"),
+        "tls_client_ca": ("/ca.pem", "/ca.pem"),
+        "auth_token_file": ("/tokens", "/tokens"),
+        "auth_token_env": ("TOKENS", "TOKENS"),
+        "health_port": ("0", 0),
     }
     assert set(values) == {f.name for f in dataclasses.fields(Settings)}
     for name, (raw, expected) in values.items():

@@ -265,19 +265,27 @@ class GradientSupport(_message.Message):
 
     AVAILABLE_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
+    PRECISION_FIELD_NUMBER: _builtins.int
+    SOURCE_FIELD_NUMBER: _builtins.int
     available: _builtins.bool
     """Whether the model's gradient graph could be built (the gradient methods need it)."""
     reason: _builtins.str
     """Why not, e.g. the op without a backward rule."""
+    precision: _builtins.str
+    """The model config's precision for gradient sessions: strict (FP32) or tf32; CUDA only."""
+    source: _builtins.str
+    """Where the graph came from: shipped (model.grad.onnx), cache or built."""
     def __init__(
         self,
         *,
         available: _builtins.bool = ...,
         reason: _builtins.str = ...,
+        precision: _builtins.str = ...,
+        source: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["available", b"available", "reason", b"reason"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["available", b"available", "precision", b"precision", "reason", b"reason", "source", b"source"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -326,6 +334,7 @@ class PredictRequest(_message.Message):
     INPUTS_FIELD_NUMBER: _builtins.int
     IMAGE_FIELD_NUMBER: _builtins.int
     TOP_K_FIELD_NUMBER: _builtins.int
+    TEXT_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     version: _builtins.str
     image: _builtins.bytes
@@ -334,6 +343,10 @@ class PredictRequest(_message.Message):
     """Number of top classes per row; 0 means 5."""
     @_builtins.property
     def inputs(self) -> _containers.RepeatedCompositeFieldContainer[Global___Tensor]: ...
+    @_builtins.property
+    def text(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Text models: one string per batch row, tokenised by the server with the model's vocabulary."""
+
     def __init__(
         self,
         *,
@@ -342,10 +355,11 @@ class PredictRequest(_message.Message):
         inputs: _abc.Iterable[Global___Tensor] | None = ...,
         image: _builtins.bytes = ...,
         top_k: _builtins.int = ...,
+        text: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["image", b"image", "inputs", b"inputs", "model", b"model", "top_k", b"top_k", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["image", b"image", "inputs", b"inputs", "model", b"model", "text", b"text", "top_k", b"top_k", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -359,12 +373,17 @@ class PredictResponse(_message.Message):
     VERSION_FIELD_NUMBER: _builtins.int
     OUTPUTS_FIELD_NUMBER: _builtins.int
     TOP_FIELD_NUMBER: _builtins.int
+    TOKENS_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     version: _builtins.str
     @_builtins.property
     def outputs(self) -> _containers.RepeatedCompositeFieldContainer[Global___Tensor]: ...
     @_builtins.property
     def top(self) -> _containers.RepeatedCompositeFieldContainer[Global___ClassScore]: ...
+    @_builtins.property
+    def tokens(self) -> _containers.RepeatedCompositeFieldContainer[Global___Tokens]:
+        """The tokens of each row when the request sent text."""
+
     def __init__(
         self,
         *,
@@ -372,14 +391,37 @@ class PredictResponse(_message.Message):
         version: _builtins.str = ...,
         outputs: _abc.Iterable[Global___Tensor] | None = ...,
         top: _abc.Iterable[Global___ClassScore] | None = ...,
+        tokens: _abc.Iterable[Global___Tokens] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "outputs", b"outputs", "top", b"top", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "outputs", b"outputs", "tokens", b"tokens", "top", b"top", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___PredictResponse: _TypeAlias = PredictResponse  # noqa: Y015
+
+@_typing.final
+class Tokens(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TOKENS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def tokens(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The row's tokens, one per position from the first; later positions are padding."""
+
+    def __init__(
+        self,
+        *,
+        tokens: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["tokens", b"tokens"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Tokens: _TypeAlias = Tokens  # noqa: Y015
 
 @_typing.final
 class Target(_message.Message):
@@ -736,6 +778,7 @@ class ExplainRequest(_message.Message):
     RENDER_FIELD_NUMBER: _builtins.int
     EVALUATE_FIELD_NUMBER: _builtins.int
     INPUT_FIELD_NUMBER: _builtins.int
+    TEXT_FIELD_NUMBER: _builtins.int
     OCCLUSION_FIELD_NUMBER: _builtins.int
     SALIENCY_FIELD_NUMBER: _builtins.int
     GRADIENT_X_INPUT_FIELD_NUMBER: _builtins.int
@@ -760,6 +803,10 @@ class ExplainRequest(_message.Message):
     def inputs(self) -> _containers.RepeatedCompositeFieldContainer[Global___Tensor]: ...
     @_builtins.property
     def target(self) -> Global___Target: ...
+    @_builtins.property
+    def text(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Text models: one string per batch row, tokenised by the server with the model's vocabulary."""
+
     @_builtins.property
     def occlusion(self) -> Global___Occlusion: ...
     @_builtins.property
@@ -790,6 +837,7 @@ class ExplainRequest(_message.Message):
         render: _builtins.bool = ...,
         evaluate: _builtins.bool = ...,
         input: _builtins.str = ...,
+        text: _abc.Iterable[_builtins.str] | None = ...,
         occlusion: Global___Occlusion | None = ...,
         saliency: Global___Saliency | None = ...,
         gradient_x_input: Global___GradientXInput | None = ...,
@@ -802,7 +850,7 @@ class ExplainRequest(_message.Message):
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_seed", b"_seed", "grad_cam", b"grad_cam", "gradient_x_input", b"gradient_x_input", "guided_backprop", b"guided_backprop", "integrated_gradients", b"integrated_gradients", "kernel_shap", b"kernel_shap", "lime", b"lime", "method", b"method", "occlusion", b"occlusion", "saliency", b"saliency", "seed", b"seed", "smoothgrad", b"smoothgrad", "target", b"target"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_seed", b"_seed", "evaluate", b"evaluate", "grad_cam", b"grad_cam", "gradient_x_input", b"gradient_x_input", "guided_backprop", b"guided_backprop", "image", b"image", "input", b"input", "inputs", b"inputs", "integrated_gradients", b"integrated_gradients", "kernel_shap", b"kernel_shap", "lime", b"lime", "method", b"method", "model", b"model", "occlusion", b"occlusion", "render", b"render", "saliency", b"saliency", "seed", b"seed", "smoothgrad", b"smoothgrad", "target", b"target", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_seed", b"_seed", "evaluate", b"evaluate", "grad_cam", b"grad_cam", "gradient_x_input", b"gradient_x_input", "guided_backprop", b"guided_backprop", "image", b"image", "input", b"input", "inputs", b"inputs", "integrated_gradients", b"integrated_gradients", "kernel_shap", b"kernel_shap", "lime", b"lime", "method", b"method", "model", b"model", "occlusion", b"occlusion", "render", b"render", "saliency", b"saliency", "seed", b"seed", "smoothgrad", b"smoothgrad", "target", b"target", "text", b"text", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__seed: _TypeAlias = _typing.Literal["seed"]  # noqa: Y015
     _WhichOneofArgType__seed: _TypeAlias = _typing.Literal["_seed", b"_seed"]  # noqa: Y015
@@ -920,6 +968,7 @@ class ExplainResponse(_message.Message):
     MODEL_EVALUATIONS_FIELD_NUMBER: _builtins.int
     TIMING_FIELD_NUMBER: _builtins.int
     AGGREGATION_FIELD_NUMBER: _builtins.int
+    TOKENS_FIELD_NUMBER: _builtins.int
     OCCLUSION_FIELD_NUMBER: _builtins.int
     SALIENCY_FIELD_NUMBER: _builtins.int
     GRADIENT_X_INPUT_FIELD_NUMBER: _builtins.int
@@ -960,6 +1009,10 @@ class ExplainResponse(_message.Message):
     @_builtins.property
     def timing(self) -> Global___Timing: ...
     @_builtins.property
+    def tokens(self) -> _containers.RepeatedCompositeFieldContainer[Global___Tokens]:
+        """The tokens of each row when the request sent text."""
+
+    @_builtins.property
     def occlusion(self) -> Global___Occlusion: ...
     @_builtins.property
     def saliency(self) -> Global___Saliency: ...
@@ -993,6 +1046,7 @@ class ExplainResponse(_message.Message):
         model_evaluations: _builtins.int = ...,
         timing: Global___Timing | None = ...,
         aggregation: _builtins.str = ...,
+        tokens: _abc.Iterable[Global___Tokens] | None = ...,
         occlusion: Global___Occlusion | None = ...,
         saliency: Global___Saliency | None = ...,
         gradient_x_input: Global___GradientXInput | None = ...,
@@ -1005,7 +1059,7 @@ class ExplainResponse(_message.Message):
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["attribution", b"attribution", "faithfulness", b"faithfulness", "grad_cam", b"grad_cam", "gradient_x_input", b"gradient_x_input", "guided_backprop", b"guided_backprop", "integrated_gradients", b"integrated_gradients", "kernel_shap", b"kernel_shap", "lime", b"lime", "method", b"method", "occlusion", b"occlusion", "saliency", b"saliency", "smoothgrad", b"smoothgrad", "target", b"target", "timing", b"timing"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["aggregation", b"aggregation", "attribution", b"attribution", "convergence_delta", b"convergence_delta", "faithfulness", b"faithfulness", "grad_cam", b"grad_cam", "gradient_x_input", b"gradient_x_input", "guided_backprop", b"guided_backprop", "heatmap_png", b"heatmap_png", "integrated_gradients", b"integrated_gradients", "kernel_shap", b"kernel_shap", "lime", b"lime", "method", b"method", "model", b"model", "model_evaluations", b"model_evaluations", "occlusion", b"occlusion", "prediction", b"prediction", "saliency", b"saliency", "seed", b"seed", "segments", b"segments", "smoothgrad", b"smoothgrad", "target", b"target", "timing", b"timing", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["aggregation", b"aggregation", "attribution", b"attribution", "convergence_delta", b"convergence_delta", "faithfulness", b"faithfulness", "grad_cam", b"grad_cam", "gradient_x_input", b"gradient_x_input", "guided_backprop", b"guided_backprop", "heatmap_png", b"heatmap_png", "integrated_gradients", b"integrated_gradients", "kernel_shap", b"kernel_shap", "lime", b"lime", "method", b"method", "model", b"model", "model_evaluations", b"model_evaluations", "occlusion", b"occlusion", "prediction", b"prediction", "saliency", b"saliency", "seed", b"seed", "segments", b"segments", "smoothgrad", b"smoothgrad", "target", b"target", "timing", b"timing", "tokens", b"tokens", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_method: _TypeAlias = _typing.Literal["occlusion", "saliency", "gradient_x_input", "integrated_gradients", "smoothgrad", "guided_backprop", "grad_cam", "lime", "kernel_shap"]  # noqa: Y015
     _WhichOneofArgType_method: _TypeAlias = _typing.Literal["method", b"method"]  # noqa: Y015

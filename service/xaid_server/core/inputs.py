@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from PIL import Image
@@ -12,6 +12,7 @@ from xaid._codec import datatype_of
 from xaid_server.errors import FailedPrecondition, InvalidArgument
 from xaid_server.preprocess import decode_image
 from xaid_server.runtime.model import LoadedModel
+from xaid_server.tokens import encode
 
 
 @dataclass
@@ -20,6 +21,7 @@ class ModelInput:
 
     feeds: dict[str, np.ndarray]
     image: Image.Image | None = None
+    tokens: list[list[str]] = field(default_factory=list)  # when the request sent text
 
     @property
     def rows(self) -> int:
@@ -27,11 +29,20 @@ class ModelInput:
 
 
 def model_input(
-    model: LoadedModel, tensors: Sequence[tuple[str, np.ndarray]], image: bytes
+    model: LoadedModel,
+    tensors: Sequence[tuple[str, np.ndarray]],
+    image: bytes,
+    text: Sequence[str] = (),
 ) -> ModelInput:
-    """Feeds from raw tensors or from an encoded image (exactly one of the two)."""
-    if image and tensors:
-        raise InvalidArgument("send either inputs or image, not both", field="image")
+    """Feeds from raw tensors, an encoded image or text (exactly one of the three)."""
+    if sum(map(bool, (image, tensors, text))) > 1:
+        raise InvalidArgument("send one of inputs, image or text", field="image")
+    if text:
+        if len(model.inputs) != 1:
+            raise FailedPrecondition("text requests need a model with a single input", field="text")
+        spec = model.inputs[0]
+        ids, tokens = encode(text, model.config.text, spec.shape[1] if spec.rank == 2 else -1)
+        return ModelInput(check_tensors(model, [(spec.name, ids)]), tokens=tokens)
     if image:
         if model.config.image is None:
             raise FailedPrecondition(

@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from xaid_server.core.faithfulness import Faithfulness
 from xaid_server.core.targets import ClassScore
 from xaid_server.explainers.base import SegmentResult
 
@@ -20,6 +21,7 @@ class PredictCall:
     version: str = ""
     inputs: Tensors = field(default_factory=list)
     image: bytes = b""
+    text: list[str] = field(default_factory=list)
     top_k: int = 5
     timeout: float | None = None
 
@@ -30,6 +32,7 @@ class PredictResult:
     version: str
     outputs: Tensors
     top: list[ClassScore]
+    tokens: list[list[str]] = field(default_factory=list)
 
 
 @dataclass
@@ -40,6 +43,7 @@ class ExplainCall:
     version: str = ""
     inputs: Tensors = field(default_factory=list)
     image: bytes = b""
+    text: list[str] = field(default_factory=list)
     input: str = ""
     target_output: str = ""
     target_class: int | None = None
@@ -69,3 +73,5 @@ class ExplainResult:
     aggregation: str = ""
     convergence_delta: list[float] = field(default_factory=list)
     segments: list[SegmentResult] = field(default_factory=list)
+    tokens: list[list[str]] = field(default_factory=list)
+    faithfulness: Faithfulness | None = None

@@ -6,12 +6,14 @@ import asyncio
 import logging
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import numpy as np
 
+from xaid_server.core import faithfulness
+from xaid_server.core.faithfulness import Faithfulness
 from xaid_server.core.inputs import ModelInput, model_input
 from xaid_server.core.requests import ExplainCall, ExplainResult, PredictCall, PredictResult
 from xaid_server.core.targets import label_of, resolve_target, target_scores, top_classes
@@ -19,15 +21,16 @@ from xaid_server.errors import (
     DeadlineExceeded,
     FailedPrecondition,
     InvalidArgument,
-    Unimplemented,
+    ResourceExhausted,
 )
 from xaid_server.explainers import REGISTRY
 from xaid_server.explainers.base import ExplainContext, Explainer, Explanation
-from xaid_server.explainers.gradients import gradients_unavailable
+from xaid_server.explainers.gradients import gradient_source, gradients_unavailable
 from xaid_server.metrics import Metrics
 from xaid_server.preprocess import tensor_to_image
 from xaid_server.render import aggregate, heatmap_png
 from xaid_server.repository import ModelRepository
+from xaid_server.runtime.batcher import Batchers
 from xaid_server.runtime.model import LoadedModel
 from xaid_server.runtime.runner import BatchRunner, Job
 from xaid_server.settings import Settings
@@ -36,6 +39,7 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 MAX_TOP_K = 1000
+DEADLINE_SLACK = 0.05  # seconds: a cancellation this close to the deadline is the deadline
 
 
 class Core:
@@ -53,6 +57,12 @@ class Core:
         self.executor = executor
         self.runner = BatchRunner(settings.max_chunk_bytes)
         self.known_methods = known_methods
+        self.batchers = Batchers(
+            executor,
+            lambda model, seconds: metrics.inference_duration.labels(model, "queue").observe(
+                seconds
+            ),
+        )
 
     def methods_for(self, model: LoadedModel) -> list[str]:
         return [name for name, e in REGISTRY.items() if e.applicable(model) is None]
@@ -60,31 +70,40 @@ class Core:
     def gradients_unavailable(self, model: LoadedModel) -> str | None:
         return gradients_unavailable(model)
 
+    def gradient_source(self, model: LoadedModel) -> str:
+        return gradient_source(model)
+
     def _deadline(self, timeout: float | None) -> float:
-        limit = (
-            self.settings.max_deadline
-            if timeout is None
-            else min(timeout, self.settings.max_deadline)
-        )
-        return time.monotonic() + max(0.0, limit)
+        """The client's deadline, else the server default; never past the server maximum."""
+        wanted = self.settings.default_deadline if timeout is None else timeout
+        return time.monotonic() + max(0.0, min(wanted, self.settings.max_deadline))
 
     async def _run(self, kind: str, job: Job, work: Callable[[], T]) -> T:
         """Run `work` on the pool; stop its chunks when the client goes away or time runs out."""
+        future = asyncio.get_running_loop().run_in_executor(self.executor, work)
+        # a cancelled caller never reads the outcome; read it so asyncio does not log it
+        future.add_done_callback(lambda done: done.cancelled() or done.exception())
+        return await self._watch(kind, job, future)
+
+    async def _watch(self, kind: str, job: Job, future: asyncio.Future[T]) -> T:
+        """Await work already started, cancelling its job on deadline or client cancellation."""
         loop = asyncio.get_running_loop()
         assert job.deadline is not None
         timer = loop.call_later(max(0.0, job.deadline - time.monotonic()), job.cancel, "deadline")
         self.metrics.inflight.labels(kind).inc()
         try:
-            future = loop.run_in_executor(self.executor, work)
-            # a cancelled caller never reads the outcome; read it so asyncio does not log it
-            future.add_done_callback(lambda done: done.cancelled() or done.exception())
             return await asyncio.shield(future)
         except asyncio.CancelledError:
-            job.cancel("client")
-            self.metrics.cancelled.labels(kind, "client").inc()
+            # gRPC cancels the handler itself when the client's deadline passes
+            expired = time.monotonic() >= job.deadline - DEADLINE_SLACK
+            job.cancel("deadline" if expired else "client")
+            self.metrics.cancelled.labels(kind, "deadline" if expired else "client").inc()
             raise
         except DeadlineExceeded:
             self.metrics.cancelled.labels(kind, "deadline").inc()
+            raise
+        except ResourceExhausted:  # out of memory even in smaller chunks
+            self.metrics.rejected.labels(kind, "oom").inc()
             raise
         finally:
             timer.cancel()
@@ -97,20 +116,12 @@ class Core:
         if not 0 <= call.top_k <= MAX_TOP_K:
             raise InvalidArgument(f"top_k: must be in [0, {MAX_TOP_K}]", field="top_k")
         began = time.perf_counter()
-        given = model_input(model, call.inputs, call.image)
+        given = model_input(model, call.inputs, call.image, call.text)
         self.metrics.inference_duration.labels(model.name, "preprocess").observe(
             time.perf_counter() - began
         )
         job = Job(deadline=self._deadline(call.timeout))
-        queued = time.perf_counter()
-
-        def work() -> list[np.ndarray]:
-            self.metrics.inference_duration.labels(model.name, "queue").observe(
-                time.perf_counter() - queued
-            )
-            return self._forward(model, given, job, "predict")
-
-        outputs = await self._run("predict", job, work)
+        outputs = await self._predict_outputs(model, given, job)
         began = time.perf_counter()
         names = [o.name for o in model.outputs]
         top = []
@@ -120,7 +131,33 @@ class Core:
         self.metrics.inference_duration.labels(model.name, "postprocess").observe(
             time.perf_counter() - began
         )
-        return PredictResult(model.name, model.version, list(zip(names, outputs, strict=True)), top)
+        return PredictResult(
+            model.name, model.version, list(zip(names, outputs, strict=True)), top, given.tokens
+        )
+
+    async def _predict_outputs(
+        self, model: LoadedModel, given: ModelInput, job: Job
+    ) -> list[np.ndarray]:
+        """One model run, shared with concurrent requests when the model batches dynamically."""
+        batching = model.config.dynamic_batching
+        if batching is not None and all(s.shape[:1] == (-1,) for s in model.inputs):
+            batcher = self.batchers.get(model.name, model.config.max_batch_size, batching)
+
+            def run(feeds: Mapping[str, np.ndarray], batch_job: Job) -> list[np.ndarray]:
+                return self._forward(model, ModelInput(dict(feeds)), batch_job, "predict")
+
+            return await self._watch(
+                "predict", job, batcher.submit(given.feeds, job, run, id(model))
+            )
+        queued = time.perf_counter()
+
+        def work() -> list[np.ndarray]:
+            self.metrics.inference_duration.labels(model.name, "queue").observe(
+                time.perf_counter() - queued
+            )
+            return self._forward(model, given, job, "predict")
+
+        return await self._run("predict", job, work)
 
     def _forward(
         self, model: LoadedModel, given: ModelInput, job: Job, method: str
@@ -145,10 +182,6 @@ class Core:
             )
         explainer = REGISTRY.get(method)
         if explainer is None:
-            if method in self.known_methods:
-                raise Unimplemented(
-                    f"method {method!r} is not available yet; available: {sorted(REGISTRY)}"
-                )
             raise InvalidArgument(f"method: unknown method {method!r}", field="method")
         return explainer
 
@@ -159,9 +192,9 @@ class Core:
         reason = explainer.applicable(model)
         if reason is not None:
             raise FailedPrecondition(f"{call.method} cannot explain model {model.name!r}: {reason}")
-        if call.evaluate:
-            raise Unimplemented("evaluate: faithfulness scores are not available yet")
-        given = model_input(model, call.inputs, call.image)
+        if call.evaluate and (why := faithfulness.unavailable(model)) is not None:
+            raise FailedPrecondition(f"evaluate: {why}", field="evaluate")
+        given = model_input(model, call.inputs, call.image, call.text)
         input_name = call.input or model.config.input
         if input_name not in given.feeds:
             raise InvalidArgument(
@@ -175,7 +208,9 @@ class Core:
                 field="render",
             )
         params = explainer.resolve(model, tuple(x.shape), call.parameters)
-        cost = given.rows + explainer.cost(params, tuple(x.shape))
+        steps = faithfulness.steps_of(model) if call.evaluate else 0
+        scoring = faithfulness.cost(steps, given.rows) if call.evaluate else 0
+        cost = given.rows + explainer.cost(params, tuple(x.shape)) + scoring
         if cost > self.settings.max_evaluations:
             raise InvalidArgument(
                 f"{call.method}: the request needs {cost} model evaluations, over the server cap "
@@ -185,8 +220,10 @@ class Core:
         seed = call.seed if call.seed is not None else secrets.randbits(63)
         job = Job(deadline=self._deadline(call.timeout), progress=call.progress, total=cost)
 
-        def work() -> tuple[ExplainContext, list[np.ndarray], Explanation, list[bytes], str]:
-            """One pool job: the forward, the explanation and the heatmaps, off the event loop."""
+        def work() -> tuple[
+            ExplainContext, list[np.ndarray], Explanation, list[bytes], str, Faithfulness | None
+        ]:
+            """One pool job: the forward, the explanation, its scores and the heatmaps."""
             outputs = self._forward(model, given, job, call.method)
             target = resolve_target(model, outputs, call.target_output, call.target_class)
             ctx = ExplainContext(
@@ -204,14 +241,22 @@ class Core:
             self.metrics.model_evaluations.labels(model.name, call.method).inc(
                 job.evaluations - before
             )
+            scores = None
+            if call.evaluate:
+                scores = faithfulness.evaluate(ctx, explanation.attribution, steps)
+                self.metrics.model_evaluations.labels(model.name, "faithfulness").inc(
+                    scores.model_evaluations
+                )
             heatmaps, aggregation = (
-                self._render(model, given, x, explanation.attribution, explainer.signed)
+                self._render(model, given, x, explanation, explainer.signed)
                 if call.render
                 else ([], "")
             )
-            return ctx, outputs, explanation, heatmaps, aggregation
+            return ctx, outputs, explanation, heatmaps, aggregation, scores
 
-        ctx, outputs, explanation, heatmaps, aggregation = await self._run("explain", job, work)
+        ctx, outputs, explanation, heatmaps, aggregation, scores = await self._run(
+            "explain", job, work
+        )
         total = time.perf_counter() - began
         self.metrics.explain_duration.labels(model.name, call.method).observe(total)
         classes = [int(c) for c in ctx.target.classes]
@@ -226,7 +271,7 @@ class Core:
             target_classes=classes,
             target_labels=[label_of(model, c) for c in classes],
             seed=seed,
-            model_evaluations=job.evaluations,
+            model_evaluations=job.evaluations - (scores.model_evaluations if scores else 0),
             total_seconds=total,
             compute_seconds=job.compute_seconds,
             heatmaps=heatmaps,
@@ -235,6 +280,8 @@ class Core:
             if explanation.convergence_delta is None
             else [float(d) for d in explanation.convergence_delta],
             segments=explanation.segments,
+            tokens=given.tokens,
+            faithfulness=scores,
         )
 
     def _render(
@@ -242,7 +289,7 @@ class Core:
         model: LoadedModel,
         given: ModelInput,
         x: np.ndarray,
-        attribution: np.ndarray,
+        explanation: Explanation,
         signed: bool,
     ) -> tuple[list[bytes], str]:
         assert model.config.image is not None  # checked before any work by explain()
@@ -250,11 +297,14 @@ class Core:
         images: list[bytes] = []
         how = ""
         for row in range(x.shape[0]):
-            map2d, how = aggregate(attribution[row], layout)
+            map2d, how = aggregate(explanation.attribution[row], layout)
             background = (
                 given.image
                 if given.image is not None
                 else tensor_to_image(x[row], model.config.image, layout)
             )
-            images.append(heatmap_png(map2d, background, signed=None if signed else False))
+            outlines = explanation.segments[row].segment_map if explanation.segments else None
+            images.append(
+                heatmap_png(map2d, background, signed=None if signed else False, outlines=outlines)
+            )
         return images, how

@@ -9,6 +9,8 @@ from xaid_server.explainers.grad_cam import GradCamExplainer
 from xaid_server.explainers.gradient_x_input import GradientXInputExplainer
 from xaid_server.explainers.guided_backprop import GuidedBackpropExplainer
 from xaid_server.explainers.integrated_gradients import IntegratedGradientsExplainer
+from xaid_server.explainers.kernel_shap import KernelShapExplainer
+from xaid_server.explainers.lime import LimeExplainer
 from xaid_server.explainers.occlusion import OcclusionExplainer
 from xaid_server.explainers.saliency import SaliencyExplainer
 from xaid_server.explainers.smoothgrad import SmoothGradExplainer
@@ -21,6 +23,8 @@ EXPLAINERS: tuple[Explainer[Any], ...] = (
     SmoothGradExplainer(),
     GuidedBackpropExplainer(),
     GradCamExplainer(),
+    LimeExplainer(),
+    KernelShapExplainer(),
 )
 
 

@@ -10,6 +10,7 @@ import numpy as np
 
 from xaid_server.explainers.base import ExplainContext, Explanation
 from xaid_server.explainers.gradients import GradientExplainer, run_gradients
+from xaid_server.explainers.tokens import gradient_space
 from xaid_server.runtime.model import LoadedModel
 
 
@@ -33,6 +34,6 @@ class GradientXInputExplainer(GradientExplainer[GradientXInputParams]):
         return x_shape[0]
 
     def explain(self, ctx: ExplainContext, params: GradientXInputParams) -> Explanation:
-        gradient, _, _ = run_gradients(ctx, ctx.x, np.arange(len(ctx.x)))
-        attribution = ctx.x.astype(np.float64) * gradient
-        return Explanation(attribution=attribution.astype(np.float32))
+        space = gradient_space(ctx)
+        gradient, _, _ = run_gradients(ctx, space.x, np.arange(len(ctx.x)))
+        return space.explanation(ctx, space.x.astype(np.float64) * gradient)

@@ -19,7 +19,10 @@ import onnxruntime as ort
 
 from xaid_server.errors import FailedPrecondition, InvalidArgument
 from xaid_server.explainers.base import ExplainContext, Explainer
-from xaid_server.graphs.gradient import GRADIENT, TARGET, build_gradient_graph
+from xaid_server.explainers.tokens import embedding_name, is_token_input
+from xaid_server.graphs.embedding import build_embedding_gradient_graph
+from xaid_server.graphs.gradient import GRADIENT, TARGET
+from xaid_server.graphs.gradient.store import SHIPPED, gradient_graph
 from xaid_server.runtime.model import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -37,13 +40,41 @@ def output_name(model: LoadedModel, output: str = "") -> str:
 def gradient_session(
     model: LoadedModel, output: str, *, relu: str = "standard", wrt: str = ""
 ) -> ort.InferenceSession:
-    """The cached gradient graph of `output` w.r.t. `wrt` (the explained input when empty)."""
+    """The cached gradient graph of `output` w.r.t. `wrt` (the explained input when empty).
+
+    The default graph (the config's output w.r.t. the explained input, standard ReLU rule) may
+    be shipped as `model.grad.onnx` in the version folder; others are built or read from the
+    disk cache. For a token-id input it is the gradient graph w.r.t. the embedding, which it
+    takes as an input (graphs/embedding.py)."""
     wrt = wrt or model.input.name
+    if is_token_input(model, wrt):
 
-    def build(proto: onnx.ModelProto) -> onnx.ModelProto:
-        return build_gradient_graph(proto, wrt=wrt, output=output, relu=relu)
+        def embedding_graph() -> tuple[bytes, str]:
+            proto = onnx.load_from_string(model.model_bytes)
+            graph = build_embedding_gradient_graph(proto, wrt, output, relu)
+            return graph.SerializeToString(), "built"
 
-    return model.evaluation_graph(f"gradient:{output}:{relu}:{wrt}", build)
+        key = f"embedding-{gradient_key(output, relu, wrt)}"
+        return model.graph_session(key, embedding_graph, model.config.precision)
+    default = (output, relu, wrt) == (output_name(model), "standard", model.input.name)
+
+    def produce() -> tuple[bytes, str]:
+        graph = gradient_graph(
+            model.model_bytes,
+            model.sha256,
+            wrt=wrt,
+            output=output,
+            relu=relu,
+            shipped=model.path.parent / SHIPPED if default else None,
+            cache_folder=model.factory.gradient_cache,
+        )
+        return graph.data, graph.source
+
+    return model.graph_session(gradient_key(output, relu, wrt), produce, model.config.precision)
+
+
+def gradient_key(output: str, relu: str, wrt: str) -> str:
+    return f"gradient:{output}:{relu}:{wrt}"
 
 
 def run_gradients(
@@ -58,13 +89,17 @@ def run_gradients(
     """Gradients and target scores at `points`, evaluation i explaining batch row `rows[i]`.
 
     Returns (gradient [N, ...], score float64 [N], the `extra` outputs). Other model inputs are
-    repeated from their row, so multi-input models take the same path.
+    repeated from their row, so multi-input models take the same path. For token-id inputs the
+    points are embeddings (`tokens.gradient_space`) and the ids ride along.
     """
     model = ctx.model
     output = ctx.target.output
     session = gradient_session(model, output, relu=relu, wrt=wrt or ctx.input_name)
     batched = {name: value[rows] for name, value in ctx.feeds.items()}
-    batched[ctx.input_name] = np.ascontiguousarray(points, dtype=ctx.x.dtype)
+    if not wrt and is_token_input(model, ctx.input_name):
+        batched[embedding_name(model, ctx.input_name)] = np.ascontiguousarray(points)
+    else:
+        batched[ctx.input_name] = np.ascontiguousarray(points, dtype=ctx.x.dtype)
     batched[TARGET] = ctx.target.classes[rows].astype(np.int64)
     results = ctx.runner.run(
         session,
@@ -101,6 +136,12 @@ def gradients_unavailable(model: LoadedModel, relu: str = "standard") -> str | N
     except FailedPrecondition as exc:
         return f"the gradient graph cannot be built: {exc.message}"
     return None
+
+
+def gradient_source(model: LoadedModel) -> str:
+    """Where the default gradient graph came from: shipped, cache or built; empty when none."""
+    key = gradient_key(output_name(model), "standard", model.input.name)
+    return model.graph_sources.get(key, "")
 
 
 def number(value: Any, field: str) -> float:

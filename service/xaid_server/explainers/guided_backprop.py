@@ -23,6 +23,7 @@ from xaid_server.explainers.gradients import (
     output_name,
     run_gradients,
 )
+from xaid_server.explainers.tokens import gradient_space
 from xaid_server.runtime.model import LoadedModel
 
 RULES = ("guided", "deconvnet")
@@ -66,5 +67,6 @@ class GuidedBackpropExplainer(GradientExplainer[GuidedBackpropParams]):
         return x_shape[0]
 
     def explain(self, ctx: ExplainContext, params: GuidedBackpropParams) -> Explanation:
-        gradient, _, _ = run_gradients(ctx, ctx.x, np.arange(len(ctx.x)), relu=params.rule)
-        return Explanation(attribution=gradient.astype(np.float32, copy=False))
+        space = gradient_space(ctx)
+        gradient, _, _ = run_gradients(ctx, space.x, np.arange(len(ctx.x)), relu=params.rule)
+        return space.explanation(ctx, gradient)

@@ -24,6 +24,7 @@ from xaid_server.explainers.gradients import (
     number,
     run_gradients,
 )
+from xaid_server.explainers.tokens import gradient_space
 from xaid_server.runtime.model import LoadedModel
 
 DEFAULT_STEPS = 50
@@ -102,7 +103,8 @@ class IntegratedGradientsExplainer(GradientExplainer[IntegratedGradientsParams])
         if params.n_steps is None or params.baseline is None:
             raise InvalidArgument("integrated_gradients: unresolved parameters")
         alphas, weights = quadrature(params.integration_method, params.n_steps)
-        x = ctx.x
+        space = gradient_space(ctx)  # token ids: interpolate between embeddings
+        x = space.x
         baseline = np.full_like(x, params.baseline)
         # per row: the baseline itself (alpha 0, for F(x')), then the n_steps nodes
         alpha = np.concatenate([[0.0], alphas]).astype(x.dtype)
@@ -119,6 +121,4 @@ class IntegratedGradientsExplainer(GradientExplainer[IntegratedGradientsParams])
         attribution = delta.astype(np.float64) * integral
         f_baseline = score.reshape(len(x), steps)[:, 0]
         convergence = attribution.reshape(len(x), -1).sum(axis=1) - (ctx.scores - f_baseline)
-        return Explanation(
-            attribution=attribution.astype(np.float32), convergence_delta=convergence
-        )
+        return space.explanation(ctx, attribution, convergence)

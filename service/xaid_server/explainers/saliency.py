@@ -11,6 +11,7 @@ import numpy as np
 from xaid_server.errors import InvalidArgument
 from xaid_server.explainers.base import ExplainContext, Explanation
 from xaid_server.explainers.gradients import GradientExplainer, run_gradients
+from xaid_server.explainers.tokens import gradient_space
 from xaid_server.runtime.model import LoadedModel
 
 
@@ -41,7 +42,8 @@ class SaliencyExplainer(GradientExplainer[SaliencyParams]):
         return x_shape[0]
 
     def explain(self, ctx: ExplainContext, params: SaliencyParams) -> Explanation:
-        gradient, _, _ = run_gradients(ctx, ctx.x, np.arange(len(ctx.x)))
-        if params.abs:
+        space = gradient_space(ctx)
+        gradient, _, _ = run_gradients(ctx, space.x, np.arange(len(ctx.x)))
+        if params.abs:  # for tokens: the L1 norm over the embedding dimension
             gradient = np.abs(gradient)
-        return Explanation(attribution=gradient.astype(np.float32, copy=False))
+        return space.explanation(ctx, gradient)

@@ -22,6 +22,7 @@ from xaid_server.explainers.gradients import (
     number,
     run_gradients,
 )
+from xaid_server.explainers.tokens import gradient_space
 from xaid_server.runtime.model import LoadedModel
 
 DEFAULT_SAMPLES = 25
@@ -38,20 +39,25 @@ class SmoothGradParams:
     variant: str = ""
 
 
-def noise_scale(ctx: ExplainContext, fraction: float) -> np.ndarray:
-    """The noise standard deviation per row: a fraction of the input range."""
-    input_range = ctx.model.config.input_range
+def noise_scale(
+    x: np.ndarray, input_range: tuple[float, float] | None, fraction: float
+) -> np.ndarray:
+    """The noise standard deviation per row: a fraction of the input range, else of the row's."""
     if input_range is not None:
-        return np.full(len(ctx.x), fraction * (input_range[1] - input_range[0]))
-    flat = ctx.x.reshape(len(ctx.x), -1).astype(np.float64)
+        return np.full(len(x), fraction * (input_range[1] - input_range[0]))
+    flat = x.reshape(len(x), -1).astype(np.float64)
     scale: np.ndarray = fraction * (flat.max(axis=1) - flat.min(axis=1))
     return scale
 
 
 def noisy_copies(ctx: ExplainContext, n_samples: int, fraction: float) -> np.ndarray:
-    """[B * n_samples, ...]: row-major noisy copies of each row, drawn from ctx.rng."""
-    x = ctx.x
-    sigma = noise_scale(ctx, fraction).reshape(-1, 1, *(1,) * (x.ndim - 1))
+    """[B * n_samples, ...]: row-major noisy copies of each row, drawn from ctx.rng (of the
+    token embeddings for token-id inputs)."""
+    space = gradient_space(ctx)
+    x = space.x
+    # the config's range is that of the input; token embeddings use each row's own range
+    input_range = None if space.tokens else ctx.model.config.input_range
+    sigma = noise_scale(x, input_range, fraction).reshape(-1, 1, *(1,) * (x.ndim - 1))
     noise = ctx.rng.standard_normal((len(x), n_samples, *x.shape[1:])) * sigma
     points: np.ndarray = (x[:, None].astype(np.float64) + noise).astype(x.dtype)
     return points.reshape(-1, *x.shape[1:])
@@ -87,7 +93,8 @@ class SmoothGradExplainer(GradientExplainer[SmoothGradParams]):
     def explain(self, ctx: ExplainContext, params: SmoothGradParams) -> Explanation:
         if params.n_samples is None or params.noise_fraction is None:
             raise InvalidArgument("smoothgrad: unresolved parameters")
-        x = ctx.x
+        space = gradient_space(ctx)
+        x = space.x
         points = noisy_copies(ctx, params.n_samples, params.noise_fraction)
         rows = np.repeat(np.arange(len(x)), params.n_samples)
         gradient, _, _ = run_gradients(ctx, points, rows)
@@ -98,4 +105,4 @@ class SmoothGradExplainer(GradientExplainer[SmoothGradParams]):
             attribution = (grads**2).mean(axis=1)
         else:
             attribution = (grads**2).mean(axis=1) - grads.mean(axis=1) ** 2
-        return Explanation(attribution=attribution.astype(np.float32))
+        return space.explanation(ctx, attribution)

@@ -16,6 +16,7 @@ import onnxruntime as ort
 from xaid._codec import dtype_of
 from xaid_server.errors import FailedPrecondition, ModelLoadError
 from xaid_server.model_config import ImageConfig, ModelConfig
+from xaid_server.runtime.providers import CUDA
 from xaid_server.runtime.tensors import TensorSpec, spec_of
 
 log = logging.getLogger(__name__)
@@ -29,15 +30,36 @@ class SessionFactory:
 
     providers: tuple[str, ...]
     intra_op_threads: int = 0
+    gradient_cache: Path | None = None  # where built gradient graphs are kept; None: nowhere
+    env_allocators: bool = False  # share the process-wide CPU arena (capped by arena_max_bytes)
 
-    def create(self, model: bytes) -> ort.InferenceSession:
+    def create(
+        self, model: bytes, precision: str = "", *, folder: Path | None = None
+    ) -> ort.InferenceSession:
+        """A session; `precision` (strict or tf32) sets TF32 on CUDA and does nothing on the CPU.
+
+        `folder` is where the model's external data lies (checked by `model_files`); without
+        it onnxruntime would look relative to the working directory.
+        """
         options = ort.SessionOptions()
         options.intra_op_num_threads = self.intra_op_threads
         options.log_severity_level = 3
+        if folder is not None:
+            options.add_session_config_entry(
+                "session.model_external_initializers_file_folder_path", str(folder)
+            )
+        if self.env_allocators:
+            options.add_session_config_entry("session.use_env_allocators", "1")
         # Each session has its own intra-op pool whose threads spin after a run; on few cores a
         # spinning pool starves the next session's run (an explanation's forward, then its graph).
         options.add_session_config_entry("session.force_spinning_stop", "1")
-        return ort.InferenceSession(model, options, providers=list(self.providers))
+        providers: list[str | tuple[str, dict[str, str]]] = [
+            (name, {"use_tf32": "1" if precision == "tf32" else "0"})
+            if name == CUDA and precision
+            else name
+            for name in self.providers
+        ]
+        return ort.InferenceSession(model, options, providers=providers)
 
 
 @dataclass
@@ -54,6 +76,7 @@ class LoadedModel:
     model_bytes: bytes  # what the session was built from: the file may change under us
     _graphs: dict[str, ort.InferenceSession] = field(default_factory=dict)
     _graph_errors: dict[str, str] = field(default_factory=dict)
+    graph_sources: dict[str, str] = field(default_factory=dict)  # key -> shipped, cache, built
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
@@ -80,31 +103,57 @@ class LoadedModel:
 
     def evaluation_graph(self, key: str, build: GraphBuilder) -> ort.InferenceSession:
         """A session for a graph derived from this model, built once and cached by `key`."""
+
+        def produce() -> tuple[bytes, str]:
+            return build(onnx.load_from_string(self.model_bytes)).SerializeToString(), "built"
+
+        return self.graph_session(key, produce)
+
+    def graph_session(
+        self, key: str, produce: Callable[[], tuple[bytes, str]], precision: str = ""
+    ) -> ort.InferenceSession:
+        """A session for the graph `produce` returns with its source, made once per `key`; a
+        FailedPrecondition is remembered, so a graph that cannot be built is tried once."""
         with self._lock:
             if key in self._graphs:
                 return self._graphs[key]
             if key in self._graph_errors:
                 raise FailedPrecondition(self._graph_errors[key])
             try:
-                graph = build(onnx.load_from_string(self.model_bytes))
-                session = self.factory.create(graph.SerializeToString())
+                graph, source = produce()
+                try:
+                    session = self.factory.create(graph, precision)
+                except Exception as exc:
+                    raise FailedPrecondition(
+                        f"onnxruntime could not load the {source} graph: {type(exc).__name__}"
+                    ) from exc
             except FailedPrecondition as exc:
                 self._graph_errors[key] = exc.message
                 raise
             self._graphs[key] = session
+            self.graph_sources[key] = source
             return session
 
 
 def load_model(
-    name: str, version: str, path: Path, config: ModelConfig, factory: SessionFactory
+    name: str,
+    version: str,
+    path: Path,
+    config: ModelConfig,
+    factory: SessionFactory,
+    data: bytes | None = None,
 ) -> LoadedModel:
-    """Create the session, complete the config from the graph and warm the model up."""
+    """Create the session, complete the config from the graph and warm the model up.
+
+    `data` is the file's content already read and checked (the file may change under us).
+    """
+    if data is None:
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise ModelLoadError(f"model file cannot be read: {type(exc).__name__}") from None
     try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise ModelLoadError(f"model file cannot be read: {type(exc).__name__}") from None
-    try:
-        session = factory.create(data)
+        session = factory.create(data, folder=path.parent)
     except Exception as exc:
         raise ModelLoadError(f"onnxruntime could not load the model: {type(exc).__name__}") from exc
     inputs = tuple(spec_of(i) for i in session.get_inputs())

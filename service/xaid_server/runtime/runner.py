@@ -1,11 +1,13 @@
 """The one batched evaluation runner: every model evaluation of an explanation goes through here.
 
 It owns chunking (by the model's max batch and a memory budget), the cancellation and deadline
-checks between chunks, stopping the chunk in flight, and the evaluation counter.
+checks between chunks, stopping the chunk in flight, the evaluation counter, and the answer to an
+out-of-memory run: one retry with half the chunk, then RESOURCE_EXHAUSTED for that request.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -14,7 +16,19 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnxruntime as ort
 
-from xaid_server.errors import Cancelled, DeadlineExceeded
+from xaid_server.errors import Cancelled, DeadlineExceeded, ResourceExhausted
+
+log = logging.getLogger(__name__)
+
+#: How onnxruntime reports an allocation failure: its arenas (CPU and CUDA), CUDA itself, C++.
+OUT_OF_MEMORY = (
+    "is smaller than requested bytes",
+    "Failed to allocate memory",
+    "out of memory",
+    "std::bad_alloc",
+    "CUDNN_STATUS_ALLOC_FAILED",
+    "CUBLAS_STATUS_ALLOC_FAILED",
+)
 
 ProgressCallback = Callable[[int, int], None]
 
@@ -67,6 +81,11 @@ class Job:
             self.progress(self.evaluations, max(self.total, self.evaluations))
 
 
+def is_out_of_memory(exc: BaseException) -> bool:
+    text = str(exc)
+    return isinstance(exc, MemoryError) or any(marker in text for marker in OUT_OF_MEMORY)
+
+
 class BatchRunner:
     """Runs N evaluations of a session in chunks, concatenating each output along axis 0."""
 
@@ -106,7 +125,8 @@ class BatchRunner:
         step = self.chunk_size(max_batch, per_item)
         names = list(outputs) if outputs is not None else [o.name for o in session.get_outputs()]
         parts: list[list[np.ndarray]] = [[] for _ in names]
-        for start in range(0, n, step):
+        start, retried = 0, False
+        while start < n:
             job.check()
             feeds = {k: v[start : start + step] for k, v in batched.items()}
             if fixed:
@@ -115,12 +135,21 @@ class BatchRunner:
             began = time.perf_counter()
             try:
                 results = session.run(names, feeds, options)
-            except Exception:
+            except Exception as exc:
                 job._finish(options, 0, time.perf_counter() - began)
                 job.check()  # a terminated run surfaces as the cancellation or deadline
-                raise
+                if not is_out_of_memory(exc):
+                    raise
+                if retried or step == 1:
+                    raise ResourceExhausted(
+                        "the model ran out of memory on this request even in smaller chunks"
+                    ) from None
+                log.warning("out of memory at %d rows per run; retrying with half", step)
+                retried, step = True, -(-step // 2)  # once, with half the chunk from here on
+                continue
             job._finish(options, len(next(iter(feeds.values()))), time.perf_counter() - began)
             for part, result in zip(parts, results, strict=True):
                 part.append(np.asarray(result))
+            start += step
         job.check()
         return [np.concatenate(p, axis=0) if p else np.empty((0,)) for p in parts]
