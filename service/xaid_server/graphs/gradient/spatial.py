@@ -136,9 +136,6 @@ def _max_pool(ctx: Context) -> dict[int, str]:
     """
     if ctx.attr("storage_order", 0):
         raise ctx.refuse("column-major indices (storage_order=1)")
-    tile = _tiling_block(ctx)
-    if tile is not None:
-        return {0: _tiled_max_pool(ctx, tile)}
     emit, x = ctx.emit, ctx.x
     if len(ctx.node.output) > 1 and ctx.node.output[1]:
         indices = ctx.node.output[1]
@@ -158,55 +155,6 @@ def _max_pool(ctx: Context) -> dict[int, str]:
         reduction="add",
     )
     return {0: emit.op("Reshape", [scattered, emit.shape(x)])}
-
-
-def _tiling_block(ctx: Context) -> int | None:
-    """The side b when the 2-D windows are b x b squares that tile the input exactly.
-
-    Such pools (`MaxPool2d(2)`) have a backward without the indices: onnxruntime's MaxPool with
-    an indices output and the scatter cost about a third of a small CNN's gradient on the CPU.
-    """
-    kernel = list(ctx.attr("kernel_shape", []))
-    sizes = ctx.dims(ctx.x)[2:]
-    if len(kernel) != 2 or kernel[0] != kernel[1] or kernel[0] < 2:
-        return None
-    if len(ctx.node.output) > 1 and ctx.node.output[1]:
-        return None
-    block = int(kernel[0])
-    plain = (
-        list(ctx.attr("strides", [1, 1])) == kernel
-        and list(ctx.attr("dilations", [1, 1])) == [1, 1]
-        and list(ctx.attr("pads", [0, 0, 0, 0])) == [0, 0, 0, 0]
-        and ctx.attr("auto_pad", b"NOTSET").decode() in ("NOTSET", "VALID")
-    )
-    divisible = all(d is not None and d % block == 0 for d in sizes)
-    return block if plain and divisible and ctx.dims(ctx.x)[1] is not None else None
-
-
-def _tiled_max_pool(ctx: Context, block: int) -> str:
-    """Route each window's gradient to its first maximum in row-major order.
-
-    SpaceToDepth lays each window's b*b elements along a new axis; the first element equal to
-    the window's maximum wins, as onnxruntime's indices and torch's `max_pool2d` choose it.
-    """
-    emit = ctx.emit
-    channels, height, width = (int(d or 0) for d in ctx.dims(ctx.x)[1:])  # static: checked
-    cells = block * block
-    windows = [0, cells, channels, height // block, width // block]
-    x = emit.op("Reshape", [emit.op("SpaceToDepth", [ctx.x], blocksize=block), emit.ints(windows)])
-    axis = emit.ints([1])
-    is_max = emit.op("Equal", [x, emit.op("Unsqueeze", [ctx.y, axis])])
-    rank = emit.op(
-        "CumSum",
-        [emit.op("Cast", [is_max], to=TensorProto.INT32), emit.scalar(1, TensorProto.INT32)],
-    )
-    first = emit.op("And", [is_max, emit.op("Equal", [rank, emit.scalar(1, TensorProto.INT32)])])
-    routed = emit.op(
-        "Where",
-        [first, emit.op("Unsqueeze", [ctx.g, axis]), emit.scalar(0, ctx.dtype(ctx.x))],
-    )
-    stacked = emit.op("Reshape", [routed, emit.ints([0, cells * channels, *windows[3:]])])
-    return emit.op("DepthToSpace", [stacked], blocksize=block, mode="DCR")
 
 
 def _average_pool(ctx: Context) -> dict[int, str]:
