@@ -806,3 +806,19 @@ def test_symbolic_non_batch_dims_are_refused() -> None:
 def test_unknown_relu_rule_is_an_invalid_argument() -> None:
     with pytest.raises(InvalidArgument, match="relu must be one of"):
         build_gradient_graph(Case([node("Relu", ["x"], ["y"])], X34).model(), relu="smooth")
+
+
+def test_a_minus_one_batch_dim_is_dynamic_and_elsewhere_refused() -> None:
+    def relu_model(dims: list[int]) -> onnx.ModelProto:
+        return make_model(
+            [node("Relu", ["x"], ["y"])],
+            [helper.make_tensor_value_info("x", F64, dims)],
+            [helper.make_tensor_value_info("y", F64, dims)],
+        )
+
+    grad_model = build_gradient_graph(relu_model([-1, 3]))
+    feeds = {"x": np.array([[1.0, -1.0, 2.0]] * 2), TARGET: np.array([0, 2])}
+    (gradient,) = session(grad_model).run([GRADIENT], feeds)
+    np.testing.assert_array_equal(gradient, [[1, 0, 0], [0, 0, 1]])
+    with pytest.raises(FailedPrecondition, match="symbolic dim at axis 1"):
+        build_gradient_graph(relu_model([2, -1]))

@@ -79,9 +79,13 @@ def probe(model: onnx.ModelProto) -> Tensors:
 def _input_dims(value_info: onnx.ValueInfoProto) -> Dims:
     shape = value_info.type.tensor_type.shape
     return tuple(
-        None if axis == 0 and not d.HasField("dim_value") else d.dim_value
-        for axis, d in enumerate(shape.dim)
+        None if axis == 0 and not _static(d) else d.dim_value for axis, d in enumerate(shape.dim)
     )
+
+
+def _static(dim: onnx.TensorShapeProto.Dimension) -> bool:
+    """A dim with a known size; exporters sometimes write -1 for an unknown one."""
+    return dim.HasField("dim_value") and dim.dim_value >= 0
 
 
 def _run(
@@ -115,7 +119,7 @@ def _example(value_info: onnx.ValueInfoProto, batch: int, rng: np.random.Generat
         raise FailedPrecondition(f"input {value_info.name!r} has no shape")
     shape = []
     for axis, dim in enumerate(tensor_type.shape.dim):
-        if dim.HasField("dim_value"):
+        if _static(dim):
             shape.append(dim.dim_value)
         elif axis == 0:
             shape.append(batch)
