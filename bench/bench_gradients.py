@@ -7,7 +7,8 @@
   ResNet: the client's `explain` over gRPC to `python -m xaid_server` in its own process, end
   to end, against Captum's `Saliency` and `IntegratedGradients` (same steps and method) on the
   torch network the ONNX file was exported from, torch limited to the same cores. Targets:
-  xaid <= 0.5x Captum. Both are timed in the same rounds, interleaved.
+  xaid <= 0.5x Captum. Both are timed in the same rounds, interleaved, each right after an
+  untimed call of its own that follows a pause (the median over the rounds).
 
     .venv/bin/python bench/bench_gradients.py
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import sys
 import tempfile
+import time
 from collections import defaultdict
 from collections.abc import Callable
 from functools import partial
@@ -28,6 +30,7 @@ if __package__ in (None, ""):  # run as a script: make `bench` importable
 import numpy as np
 
 from bench.common import (
+    SETTLE_S,
     SMALL_RESNET,
     Stats,
     captum_available,
@@ -136,6 +139,11 @@ def grpc_versus_captum(client: Client, x: np.ndarray, rounds: int) -> dict[str, 
         fn()
     for _ in range(rounds):
         for name, fn in timed.items():
+            # the other contender's threads fall quiet, then an untimed call of its own wakes
+            # this one's threads and vCPUs: a pause before the timed call would cost xaid's
+            # several threads in two processes more than torch's (+7 ms after 50 ms here)
+            time.sleep(SETTLE_S)
+            fn()
             samples[name].append(measure(fn, repeats=1, warmup=0).median_s)
     stats = {name: Stats.of(values) for name, values in samples.items()}
     row["stats"] = {name: s.as_dict() for name, s in stats.items()}

@@ -38,6 +38,7 @@ import numpy as np
 
 from bench.common import (
     ROOT,
+    SETTLE_S,
     SMALL_RESNET,
     Stats,
     captum_available,
@@ -71,7 +72,6 @@ LIME_BATCH = 10  # the `lime` package's default classifier batch, as its users c
 LIME_BATCH_LARGE = 64  # and the batch xaid and Captum use, for comparison
 CAPTUM_PPE = 64
 ROUNDS = 5
-SETTLE_S = 0.05
 SEED = 0
 PICTURE_SEED = 3  # a picture SLIC cuts into 43 segments (some textures give only a handful)
 TOP = 5  # segments compared between xaid and each library

@@ -38,6 +38,7 @@ import onnx
 import onnxruntime as ort
 
 from bench.common import (
+    SETTLE_S,
     SMALL_RESNET,
     Stats,
     captum_available,
@@ -70,13 +71,6 @@ STRIDE_HW = (4, 4)
 BASELINE_VALUE = 0.0
 PEAK_BATCH = 64
 PEAK_RUNS = 4  # batch-64 runs timed per round
-#: Pause before each timed call, so threads still spinning after the previous work (OpenMP's
-#: for torch; onnxruntime's pools stop at once with `session.force_spinning_stop`) steal no
-#: core from it: on the 2-core machine of bench/results both processes together use under 7 ms
-#: of CPU in the first 5 ms after any timed call, and only background after that. A longer
-#: pause lets a VM's vCPUs fall idle, which slows the first milliseconds of the next call
-#: there (a primed xaid call: +3 ms after 50 ms, +12 ms after 250 ms, +21 ms after 1 s).
-SETTLE_S = 0.05
 #: Each contender is timed twice a round: first after the round's other work (its threads and
 #: caches, and for xaid the whole server process, idle since the last round), then right
 #: after that call. The second is the headline, a steady state like the floor's; the first is

@@ -43,6 +43,13 @@ SMALL_RESNET = "small_resnet"
 SMALL_RESNET_CONFIG = "kind: image\nmax_batch_size: 64\n"
 #: The standard gRPC health check, which the server answers SERVING once its models are warm.
 HEALTH_CHECK = "/grpc.health.v1.Health/Check"
+#: Pause before each timed call, so threads still spinning after the previous work (OpenMP's
+#: for torch; onnxruntime's pools stop at once with `session.force_spinning_stop`) steal no
+#: core from it: on the 2-core machine of bench/results both processes together use under 7 ms
+#: of CPU in the first 5 ms after any timed call, and only background after that. A longer
+#: pause lets a VM's vCPUs fall idle, which slows the first milliseconds of the next call
+#: there (a primed xaid call: +3 ms after 50 ms, +12 ms after 250 ms, +21 ms after 1 s).
+SETTLE_S = 0.05
 #: Longest wait for a starting server: it loads, warms up and builds graphs for every model.
 STARTUP_S = 300.0
 

@@ -17,6 +17,7 @@ from tests.running_server import RunningServer
 from xaid._codec import from_tensor, to_tensor
 from xaid.cli import main
 from xaid.v1 import xaid_pb2, xaid_pb2_grpc
+from xaid_server.explainers.gradients import gradient_key, output_name
 from xaid_server.graphs.gradient import GRADIENT, TARGET
 
 X = np.array([[0.3, -1.2, 2.0], [1.5, 0.1, -0.4]], dtype=np.float32)
@@ -170,3 +171,14 @@ def test_built_graphs_are_cached_by_the_model_hash(
     cached = sorted((repository.parent / "cache").iterdir())
     assert cached
     assert all(p.suffix == ".onnx" for p in cached)  # no temporary file left behind
+
+
+def test_loading_a_model_measures_its_gradient_chunk(demo_server: RunningServer) -> None:
+    repository = demo_server.server.repository
+    assert repository is not None
+    for name in ("shapes", "tabular"):
+        model = repository.get(name)
+        key = gradient_key(output_name(model), "standard", model.input.name)
+        size = model.chunks[key]
+        assert 1 <= size <= model.config.max_batch_size
+        assert size & (size - 1) == 0

@@ -23,7 +23,8 @@ from xaid_server.explainers.tokens import embedding_name, is_token_input
 from xaid_server.graphs.embedding import build_embedding_gradient_graph
 from xaid_server.graphs.gradient import GRADIENT, TARGET
 from xaid_server.graphs.gradient.store import SHIPPED, gradient_graph
-from xaid_server.runtime.model import LoadedModel
+from xaid_server.runtime.model import LoadedModel, example_input
+from xaid_server.runtime.tuning import fastest_chunk
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +95,7 @@ def run_gradients(
     """
     model = ctx.model
     output = ctx.target.output
+    key = gradient_key(output, relu, wrt or ctx.input_name)
     session = gradient_session(model, output, relu=relu, wrt=wrt or ctx.input_name)
     batched = {name: value[rows] for name, value in ctx.feeds.items()}
     if not wrt and is_token_input(model, ctx.input_name):
@@ -106,7 +108,7 @@ def run_gradients(
         batched,
         ctx.job,
         outputs=[output, GRADIENT, *extra],
-        max_batch=model.config.max_batch_size,
+        max_batch=model.chunks.get(key, model.config.max_batch_size),
     )
     scores = results[0].astype(np.float64).reshape(len(rows), -1)
     score = scores[np.arange(len(rows)), batched[TARGET]]
@@ -121,12 +123,42 @@ class GradientExplainer(Explainer[P]):
     def prepare(self, model: LoadedModel) -> None:
         """Build the graph at load time; a model it cannot serve still loads for other methods."""
         try:
-            gradient_session(model, output_name(model), relu=self.relu)
+            session = gradient_session(model, output_name(model), relu=self.relu)
         except FailedPrecondition as exc:  # cached by the model and reported by applicable()
             log.warning("%s %s: no gradient graph: %s", model.name, model.version, exc.message)
+            return
+        if self.relu == "standard" and not is_token_input(model, model.input.name):
+            tune_chunk(model, session)
 
     def applicable(self, model: LoadedModel) -> str | None:
         return gradients_unavailable(model, self.relu)
+
+
+def tune_chunk(model: LoadedModel, session: ort.InferenceSession) -> None:
+    """Measure the default gradient graph's fastest chunk once per model version.
+
+    Integrated gradients and SmoothGrad run many points per row in chunks of this size."""
+    key = gradient_key(output_name(model), "standard", model.input.name)
+    if key in model.chunks:
+        return
+    rng = np.random.default_rng(0)
+
+    def feeds(size: int) -> dict[str, np.ndarray]:
+        batch = {spec.name: example_input(spec, size) for spec in model.inputs}
+        x = batch[model.input.name]
+        batch[model.input.name] = rng.standard_normal(x.shape).astype(x.dtype)
+        batch[TARGET] = np.zeros(size, dtype=np.int64)
+        return batch
+
+    size, seconds = fastest_chunk(session, feeds, model.config.max_batch_size)
+    model.chunks[key] = size
+    log.info(
+        "%s %s: gradient chunks of %d rows (%.2f ms per row)",
+        model.name,
+        model.version,
+        size,
+        seconds * 1e3,
+    )
 
 
 def gradients_unavailable(model: LoadedModel, relu: str = "standard") -> str | None:

@@ -77,6 +77,7 @@ class LoadedModel:
     _graphs: dict[str, ort.InferenceSession] = field(default_factory=dict)
     _graph_errors: dict[str, str] = field(default_factory=dict)
     graph_sources: dict[str, str] = field(default_factory=dict)  # key -> shipped, cache, built
+    chunks: dict[str, int] = field(default_factory=dict)  # key -> measured fastest chunk size
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property

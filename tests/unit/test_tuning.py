@@ -1,0 +1,43 @@
+"""The measured chunk size: a power of two within the limit, within the time budget."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+from onnx import TensorProto, helper
+
+from tests.helpers import make_model
+from xaid_server.runtime.tuning import fastest_chunk
+
+
+def _relu_session() -> ort.InferenceSession:
+    model = make_model(
+        [helper.make_node("Relu", ["x"], ["y"])],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 256])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 256])],
+    )
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+def _feeds(size: int) -> dict[str, np.ndarray]:
+    return {"x": np.ones((size, 256), dtype=np.float32)}
+
+
+def test_the_chunk_is_a_measured_power_of_two_within_the_limit() -> None:
+    session = _relu_session()
+    for limit in (1, 5, 64):
+        size, seconds = fastest_chunk(session, _feeds, limit, budget_s=10.0)
+        assert size <= limit
+        assert size & (size - 1) == 0
+        assert seconds > 0
+
+
+def test_the_budget_stops_the_measurement() -> None:
+    sizes: list[int] = []
+
+    def feeds(size: int) -> dict[str, np.ndarray]:
+        sizes.append(size)
+        return _feeds(size)
+
+    fastest_chunk(_relu_session(), feeds, 1024, budget_s=0.0)
+    assert sizes == [1]
