@@ -26,7 +26,9 @@ def _feeds(size: int) -> dict[str, np.ndarray]:
 def test_the_chunk_is_a_measured_power_of_two_within_the_limit() -> None:
     session = _relu_session()
     for limit in (1, 5, 64):
-        size, seconds = fastest_chunk(session, _feeds, limit, budget_s=10.0)
+        measured = fastest_chunk(session, _feeds, limit, budget_s=10.0)
+        assert measured is not None
+        size, seconds = measured
         assert size <= limit
         assert size & (size - 1) == 0
         assert seconds > 0
@@ -41,3 +43,13 @@ def test_the_budget_stops_the_measurement() -> None:
 
     fastest_chunk(_relu_session(), feeds, 1024, budget_s=0.0)
     assert sizes == [1]
+
+
+def test_a_size_that_fails_ends_the_search() -> None:
+    def feeds(size: int) -> dict[str, np.ndarray]:
+        return _feeds(size) if size < 4 else {"x": np.ones((size, 7), dtype=np.float32)}
+
+    measured = fastest_chunk(_relu_session(), feeds, 64, budget_s=10.0)
+    assert measured is not None
+    assert measured[0] <= 2
+    assert fastest_chunk(_relu_session(), lambda size: {"x": np.ones((size, 7))}, 64) is None

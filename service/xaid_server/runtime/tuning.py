@@ -24,27 +24,33 @@ Feeds = Callable[[int], dict[str, np.ndarray]]
 
 def fastest_chunk(
     session: ort.InferenceSession, feeds: Feeds, limit: int, budget_s: float = BUDGET_S
-) -> tuple[int, float]:
+) -> tuple[int, float] | None:
     """(chunk size, seconds per row) among the powers of two up to `limit`.
 
     Each size runs once untimed (allocations) and twice timed, keeping the faster run, so a
-    moment of other work on the machine does not decide the size.
+    moment of other work on the machine does not decide the size. A size that fails (out of
+    memory, typically) ends the search; None when not even one row runs.
     """
     per_row: dict[int, float] = {}
     began = time.perf_counter()
     size = 1
     while size <= max(1, limit):
         batch = feeds(size)
-        session.run(None, batch)
-        runs = []
-        for _ in range(2):
-            start = time.perf_counter()
+        try:
             session.run(None, batch)
-            runs.append(time.perf_counter() - start)
+            runs = []
+            for _ in range(2):
+                start = time.perf_counter()
+                session.run(None, batch)
+                runs.append(time.perf_counter() - start)
+        except Exception:  # onnxruntime raises its own unexported exception types
+            break
         per_row[size] = min(runs) / size
         if time.perf_counter() - began > budget_s:
             break
         size *= 2
+    if not per_row:
+        return None
     best = min(per_row.values())
     chosen = max(s for s, cost in per_row.items() if cost <= best * (1 + TOLERANCE))
     return chosen, per_row[chosen]
