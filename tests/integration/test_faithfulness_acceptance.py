@@ -23,17 +23,21 @@ from xaid_server.settings import DEMO_MODELS
 IMAGES = 100
 BATCH = 25
 
-# Measured (20 deletion steps, images of seed 20261128): integrated gradients 94-95 of 100
-# (16 steps: 94), occlusion 84 (8x8 windows), LIME 69 (its defaults). The model was trained to
-# tolerate baseline-filled squares, so deleting the blocks that occlusion and LIME segments rank
-# first lowers its confidence more slowly than deleting scattered random pixels.
+# Measured (20 deletion steps, images of seed 20261128, ties in a seeded random order):
+# integrated gradients 95 of 100 (94-97 with other random maps or 50 steps), occlusion 85
+# (8x8 windows; 86 at 50 steps), LIME 69 (its defaults; 72 at 50 steps). Ranking plateaus in
+# raster order instead changed none of these by more than two images. The model was trained to
+# tolerate baseline-filled squares, so once the object is gone, the image with baseline blocks
+# keeps about 0.2 of the target's probability while scattered random pixels push it to about 0.1;
+# against random maps drawn per occlusion window or per LIME segment instead, occlusion wins on
+# 100 and LIME on 90 images.
 METHODS = [
     pytest.param("integrated_gradients", {}, id="integrated_gradients"),
     pytest.param(
         "occlusion",
         {"window": [8, 8], "stride": [8, 8]},
         id="occlusion",
-        marks=pytest.mark.xfail(strict=True, reason="measured 84 of 100 images"),
+        marks=pytest.mark.xfail(strict=True, reason="measured 85 of 100 images"),
     ),
     pytest.param(
         "lime",

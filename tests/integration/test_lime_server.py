@@ -14,6 +14,7 @@ from PIL import Image
 
 import xaid
 from tests.integration.test_pointing_game import model_inputs
+from tests.running_server import RunningServer
 from xaid.cli import main
 from xaid_server.demo.shapes import generate
 from xaid_server.model_config import load_config
@@ -66,9 +67,12 @@ def test_kernel_shap_efficiency_over_grpc(client: xaid.Client) -> None:
 
 
 def test_kernel_shap_base_value_is_the_mean_over_the_shipped_background(
-    client: xaid.Client,
+    client: xaid.Client, demo_server: RunningServer
 ) -> None:
-    """The demo tabular model ships 100 training rows: the default fill, and E[F] the base."""
+    """The demo tabular model ships 100 training rows: the default fill, and E[F] the base.
+
+    2M + 2048 samples against 100 rows would be 210 900 evaluations: the default is capped so
+    that the request, its forward included, fits the server's cap."""
     folder = DEMO_MODELS / "tabular"
     background = np.load(folder / "background.npy")
     session = ort.InferenceSession(folder / "1" / "model.onnx", providers=["CPUExecutionProvider"])
@@ -78,11 +82,45 @@ def test_kernel_shap_base_value_is_the_mean_over_the_shipped_background(
     (segments,) = explanation.segments
     assert explanation.parameters["fill"] == "background"
     assert background.shape == (100, 30)
-    assert explanation.parameters["n_samples"] == 50_000 // 100  # samples x rows within 50 000
-    assert explanation.model_evaluations == 1 + (500 + 1) * 100
+    cap = demo_server.settings.max_evaluations
+    samples = (cap - 1) // 100 - 1
+    assert explanation.parameters["n_samples"] == samples < 2 * 30 + 2048
+    assert explanation.model_evaluations == 1 + (samples + 1) * 100 <= cap
     assert segments.base_value == pytest.approx(float(np.mean(logits[:, 1], dtype=np.float64)))
     delta = explanation.prediction["logits"][0, 1] - segments.base_value
     assert abs(sum(segments.weights) - delta) <= 1e-6 * abs(delta)
+
+
+def test_kernel_shap_default_leaves_room_for_the_faithfulness_scores(
+    client: xaid.Client, demo_server: RunningServer
+) -> None:
+    row = np.load(EXAMPLES / "tabular.npy")[:1].astype(np.float32)
+    explanation = client.explain("tabular", row, "kernel_shap", target=1, evaluate=True)
+    assert explanation.faithfulness is not None
+    scoring = explanation.faithfulness.model_evaluations
+    assert scoring == 2 * (20 + 1)
+    cap = demo_server.settings.max_evaluations
+    assert explanation.parameters["n_samples"] == (cap - 1 - scoring) // 100 - 1
+    assert explanation.model_evaluations + scoring <= cap
+
+
+@pytest.mark.parametrize("fill", ["background", "baseline"])
+def test_kernel_shap_explicit_samples_over_the_cap_are_refused(
+    client: xaid.Client, demo_server: RunningServer, fill: str
+) -> None:
+    rows = np.load(EXAMPLES / "tabular.npy")[:2].astype(np.float32)
+    cap = demo_server.settings.max_evaluations
+    per_sample = 2 * (100 if fill == "background" else 1)
+    fitting = (cap - 2) // per_sample - 1
+    explained = client.explain(
+        "tabular", rows[:1], "kernel_shap", target=1, n_samples=10, fill=fill
+    )
+    assert explained.parameters["n_samples"] == 10
+    with pytest.raises(xaid.InvalidArgument) as info:
+        client.explain("tabular", rows, "kernel_shap", target=1, n_samples=fitting + 1, fill=fill)
+    assert "kernel_shap.n_samples" in info.value.details
+    assert f"server cap of {cap}" in info.value.details
+    assert f"at most {fitting} samples fit" in info.value.details
 
 
 def test_async_client_lime_on_tabular(server_address: str) -> None:

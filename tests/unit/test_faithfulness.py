@@ -72,6 +72,35 @@ def test_a_better_ranking_deletes_faster(tmp_path: Path) -> None:
     assert good.deletion_auc[0] == pytest.approx(trapezoid(sigmoid(np.array(deleted))))
 
 
+def first_half_model(count: int) -> onnx.ModelProto:
+    """logits = [sum of the first count/2 elements, 0]: only that half of the row matters."""
+    weights = np.zeros((count, 2), dtype=np.float32)
+    weights[: count // 2, 0] = 1.0
+    return make_model(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", count])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 2])],
+        {"w": weights},
+    )
+
+
+def test_ties_are_removed_in_a_seeded_random_order(tmp_path: Path) -> None:
+    """A flat map (a plateau, as in one occlusion window or LIME segment) removed in index order
+    would take the important first half first; a random order spreads it over the curve."""
+    model = load(tmp_path, first_half_model(64), ModelConfig(baseline=0.0))
+    x = np.full((1, 64), 0.1, dtype=np.float32)
+    flat = np.zeros_like(x)
+    # index order: after k of 8 steps, min(8k, 32) of the 32 weighted elements are gone
+    by_index = trapezoid(sigmoid(0.1 * np.array([32, 24, 16, 8, 0, 0, 0, 0, 0])))
+    aucs = []
+    for seed in (0, 0, 1, 2):
+        (deletion,) = evaluate(explain_context(model, x, [0], seed=seed), flat, 8).deletion_auc
+        assert deletion > by_index + 0.01
+        aucs.append(deletion)
+    assert aucs[0] == aucs[1]  # the same seed, the same order
+    assert len(set(aucs)) > 1
+
+
 def test_image_units_are_pixels_and_insertion_starts_blurred(tmp_path: Path) -> None:
     scipy_ndimage = pytest.importorskip("scipy.ndimage")
     image = ImageConfig(height=12, width=12, channels=3)

@@ -110,7 +110,7 @@ def test_integrated_gradients_of_a_linear_model_is_exact(
     _, step_weights = quadrature(method, 7)
     expected = (x - baseline) * weights[:, [2, 0]].T * step_weights.sum()
     np.testing.assert_allclose(explanation.attribution, expected, rtol=1e-5, atol=1e-6)
-    assert ctx.job.evaluations == IG.cost(IG.resolve(model, x.shape, given), x.shape) == 16
+    assert ctx.job.evaluations == IG.cost(IG.resolve(model, x.shape, given), x.shape, model) == 16
     assert explanation.convergence_delta is not None
     if abs(step_weights.sum() - 1) < 1e-9:
         np.testing.assert_allclose(explanation.convergence_delta, 0, atol=1e-5)
@@ -146,7 +146,7 @@ def test_integrated_gradients_parameters(linear: tuple[LoadedModel, Any]) -> Non
         "gausslegendre",
         0.0,
     )
-    assert IG.cost(params, (2, 5)) == 2 * 51
+    assert IG.cost(params, (2, 5), model) == 2 * 51
     configured = load(
         model.path.parents[2], linear_model(5, np.ones((5, 2))), ModelConfig(baseline=0.25), "b"
     )
@@ -168,9 +168,9 @@ def test_integrated_gradients_parameters(linear: tuple[LoadedModel, Any]) -> Non
 
 def test_costs(linear: tuple[LoadedModel, Any]) -> None:
     model, _ = linear
-    assert SALIENCY.cost(SALIENCY.resolve(model, (4, 5), {}), (4, 5)) == 4
-    assert GXI.cost(GXI.resolve(model, (4, 5), {}), (4, 5)) == 4
-    assert SMOOTHGRAD.cost(SMOOTHGRAD.resolve(model, (4, 5), {}), (4, 5)) == 100
+    assert SALIENCY.cost(SALIENCY.resolve(model, (4, 5), {}), (4, 5), model) == 4
+    assert GXI.cost(GXI.resolve(model, (4, 5), {}), (4, 5), model) == 4
+    assert SMOOTHGRAD.cost(SMOOTHGRAD.resolve(model, (4, 5), {}), (4, 5), model) == 100
 
 
 def test_smoothgrad_is_the_mean_saliency_over_its_noise(tmp_path: Path) -> None:

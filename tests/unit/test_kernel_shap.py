@@ -12,6 +12,8 @@ from onnx import TensorProto, helper
 
 from tests.helpers import explain, load, make_model
 from tests.unit.test_lime import GRID, IMAGE, ON, image, image_model, text_model
+from xaid_server.errors import InvalidArgument
+from xaid_server.explainers.base import Limits
 from xaid_server.explainers.kernel_shap import KernelShapExplainer
 from xaid_server.model_config import ModelConfig
 from xaid_server.runtime.model import LoadedModel
@@ -78,7 +80,7 @@ def test_enumerated_coalitions_give_the_exact_shapley_values(
     assert params.fill == ("background" if background else "baseline")
     assert params.n_samples == 2 * FEATURES + 2048
     rows = len(background) or 1
-    assert KernelShapExplainer().cost(params, x.shape) == (params.n_samples + 1) * rows
+    assert KernelShapExplainer().cost(params, x.shape, model) == (params.n_samples + 1) * rows
     result, ctx = explain(KernelShapExplainer(), model, x, classes=[0])
     (segments,) = result.segments
     references = np.asarray(background or [(0.0,) * FEATURES], np.float64)
@@ -89,6 +91,30 @@ def test_enumerated_coalitions_give_the_exact_shapley_values(
     assert segments.base_value == pytest.approx(float(expected_base), rel=1e-6)
     assert segments.weights.sum() == pytest.approx(ctx.scores[0] - segments.base_value, rel=1e-6)
     assert segments.names == [f"feature {i}" for i in range(FEATURES)]
+
+
+@pytest.mark.parametrize(("background", "reserved"), [(BACKGROUND, 2), ((), 44)])
+def test_default_samples_fit_the_server_limit(
+    tmp_path: Path, background: tuple[tuple[float, ...], ...], reserved: int
+) -> None:
+    """Two rows against every fill row: 2M + 2048 samples shrink to what the cap leaves."""
+    model = tabular_model(tmp_path, background)
+    shape = (2, FEATURES)
+    per_sample = 2 * (len(background) or 1)
+    for cap in (1_000, 2_000, 10**6):
+        limits = Limits(cap, reserved=reserved)
+        fitting = (cap - reserved) // per_sample - 1
+        params = KernelShapExplainer().resolve_within(model, shape, {}, limits)
+        assert params.n_samples == min(2 * FEATURES + 2048, fitting)
+        assert KernelShapExplainer().cost(params, shape, model) <= cap - reserved
+        given = {"n_samples": fitting}
+        assert (
+            KernelShapExplainer().resolve_within(model, shape, given, limits).n_samples == fitting
+        )
+        with pytest.raises(InvalidArgument) as info:
+            KernelShapExplainer().resolve_within(model, shape, {"n_samples": fitting + 1}, limits)
+        assert info.value.field == "kernel_shap.n_samples"
+        assert f"server cap of {cap}; at most {fitting} samples fit" in info.value.message
 
 
 def test_known_answer_image_model(tmp_path: Path) -> None:

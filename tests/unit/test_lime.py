@@ -118,7 +118,7 @@ def test_defaults_follow_the_method_table(squashed: LoadedModel) -> None:
     assert params.n_samples == 1000
     assert params.segmentation == SegmentationParams("slic", 50, None)
     assert (params.kernel_width, params.ridge_alpha, params.fill) == (0.25, 1.0, "mean")
-    assert LimeExplainer().cost(params, (2, 3, SIZE, SIZE)) == 2000
+    assert LimeExplainer().cost(params, (2, 3, SIZE, SIZE), squashed) == 2000
 
 
 @pytest.mark.parametrize(

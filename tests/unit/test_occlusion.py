@@ -130,7 +130,7 @@ def test_edge_window_covers_a_stride_that_does_not_divide(tmp_path: Path) -> Non
         expected = reference(x[row], weights[:, 1], (3, 4), positions, 0.0)
         np.testing.assert_allclose(explanation.attribution[row], expected, atol=1e-5)
     params = OCCLUSION.resolve(model, x.shape, given)
-    assert OCCLUSION.cost(params, x.shape) == 2 * 9
+    assert OCCLUSION.cost(params, x.shape, model) == 2 * 9
 
 
 def test_tabular_default_window_is_one_feature(tmp_path: Path) -> None:
@@ -196,10 +196,10 @@ def test_cost_counts_every_evaluation(tmp_path: Path) -> None:
     model, _ = image_model(tmp_path, example=(3, 64, 64))
     x = RNG.normal(size=(2, 3, 64, 64)).astype(np.float32)
     params = OCCLUSION.resolve(model, x.shape, {"window": (8, 8), "stride": (4, 4)})
-    assert OCCLUSION.cost(params, x.shape) == 2 * 15 * 15
+    assert OCCLUSION.cost(params, x.shape, model) == 2 * 15 * 15
     ctx = explain_context(model, x)
     OCCLUSION.explain(ctx, params)
-    assert ctx.job.evaluations == OCCLUSION.cost(params, x.shape)
+    assert ctx.job.evaluations == OCCLUSION.cost(params, x.shape, model)
 
 
 def test_cancelled_job_stops_before_any_run(tmp_path: Path) -> None:

@@ -1,7 +1,8 @@
 """Deletion and insertion AUCs (Petsiuk et al. 2018): how well an attribution ranks the input.
 
 Units are pixels (all channels together, ranked by the attribution summed over channels) for
-image inputs and single elements otherwise (tabular features, tokens). With H steps, curve point
+image inputs and single elements otherwise (tabular features, tokens); units of equal attribution
+are ranked in a random order drawn from the request's seed. With H steps, curve point
 k keeps or replaces the round(k·U/H) highest-ranked units:
 
 - deletion: those units take the baseline (the model config's), the rest stay; lower is better;
@@ -87,7 +88,7 @@ def evaluate(ctx: ExplainContext, attribution: np.ndarray, steps: int) -> Faithf
         if channel_axis is not None:
             importance = importance.sum(axis=channel_axis)
         rank = np.empty(units.size, dtype=np.int64)
-        rank[np.argsort(-importance.ravel(), kind="stable")] = np.arange(units.size)
+        rank[_ranking(importance.ravel(), ctx.rng)] = np.arange(units.size)
         top = rank[None, :] < counts[:, None]  # [steps + 1, U]: the k highest-ranked units
         start = _blur(x[row], channel_axis) if channel_axis is not None else baseline
         (probability,) = ctx.runner.run(
@@ -110,6 +111,15 @@ def evaluate(ctx: ExplainContext, attribution: np.ndarray, steps: int) -> Faithf
         deletion.append(float(np.trapezoid(curves[0], fraction)))
         insertion.append(float(np.trapezoid(curves[1], fraction)))
     return Faithfulness(deletion, insertion, ctx.job.evaluations - before)
+
+
+def _ranking(importance: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Unit indices, most important first, ties in a seeded random order.
+
+    Occlusion windows and surrogate segments give plateaus of equal attribution; ranked by index
+    they would be removed in raster order, a contiguous strip at each step, not the plateau."""
+    shuffled = rng.permutation(importance.size)
+    return shuffled[np.argsort(-importance[shuffled], kind="stable")]
 
 
 def _channel_axis(model: LoadedModel, x: np.ndarray) -> int | None:

@@ -24,7 +24,7 @@ from xaid_server.errors import (
     ResourceExhausted,
 )
 from xaid_server.explainers import REGISTRY
-from xaid_server.explainers.base import ExplainContext, Explainer, Explanation
+from xaid_server.explainers.base import ExplainContext, Explainer, Explanation, Limits
 from xaid_server.explainers.gradients import gradient_source, gradients_unavailable
 from xaid_server.metrics import Metrics
 from xaid_server.preprocess import tensor_to_image
@@ -207,10 +207,11 @@ class Core:
                 f"{list(x.shape)}",
                 field="render",
             )
-        params = explainer.resolve(model, tuple(x.shape), call.parameters)
         steps = faithfulness.steps_of(model) if call.evaluate else 0
         scoring = faithfulness.cost(steps, given.rows) if call.evaluate else 0
-        cost = given.rows + explainer.cost(params, tuple(x.shape)) + scoring
+        limits = Limits(self.settings.max_evaluations, reserved=given.rows + scoring)
+        params = explainer.resolve_within(model, tuple(x.shape), call.parameters, limits)
+        cost = given.rows + explainer.cost(params, tuple(x.shape), model) + scoring
         if cost > self.settings.max_evaluations:
             raise InvalidArgument(
                 f"{call.method}: the request needs {cost} model evaluations, over the server cap "

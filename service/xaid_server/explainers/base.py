@@ -6,6 +6,7 @@ Explainers never import grpc or asyncio; all model evaluations go through `ctx.r
 from __future__ import annotations
 
 import dataclasses
+import sys
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -60,6 +61,21 @@ class Explanation:
     segments: list[SegmentResult] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class Limits:
+    """The server's bounds on one request, for methods whose defaults follow them."""
+
+    max_evaluations: int  # the server cap on a request's model evaluations
+    reserved: int = 0  # what the request spends besides the explanation: forward, scoring
+
+    @property
+    def available(self) -> int:
+        """Model evaluations left for the explanation itself."""
+        return self.max_evaluations - self.reserved
+
+
+NO_LIMITS = Limits(sys.maxsize)
+
 P = TypeVar("P")
 
 
@@ -95,8 +111,14 @@ class Explainer(ABC, Generic[P]):
     def resolve(self, model: LoadedModel, x_shape: tuple[int, ...], given: Mapping[str, Any]) -> P:
         """Merged parameters with every derived default filled in, validated for this input."""
 
+    def resolve_within(
+        self, model: LoadedModel, x_shape: tuple[int, ...], given: Mapping[str, Any], limits: Limits
+    ) -> P:
+        """`resolve` for the server: methods whose defaults grow with the input shrink them here."""
+        return self.resolve(model, x_shape, given)
+
     @abstractmethod
-    def cost(self, params: P, x_shape: tuple[int, ...]) -> int:
+    def cost(self, params: P, x_shape: tuple[int, ...], model: LoadedModel) -> int:
         """Model evaluations the explanation will take (checked against the server cap first)."""
 
     @abstractmethod

@@ -154,7 +154,7 @@ class GradCamExplainer(GradientExplainer[GradCamParams]):
             )
         return GradCamParams(layer=layer, relu=bool(relu))
 
-    def cost(self, params: GradCamParams, x_shape: tuple[int, ...]) -> int:
+    def cost(self, params: GradCamParams, x_shape: tuple[int, ...], model: LoadedModel) -> int:
         return x_shape[0]
 
     def explain(self, ctx: ExplainContext, params: GradCamParams) -> Explanation:

@@ -30,7 +30,9 @@ class GradientXInputExplainer(GradientExplainer[GradientXInputParams]):
     ) -> GradientXInputParams:
         return self.merge(model, given)
 
-    def cost(self, params: GradientXInputParams, x_shape: tuple[int, ...]) -> int:
+    def cost(
+        self, params: GradientXInputParams, x_shape: tuple[int, ...], model: LoadedModel
+    ) -> int:
         return x_shape[0]
 
     def explain(self, ctx: ExplainContext, params: GradientXInputParams) -> Explanation:

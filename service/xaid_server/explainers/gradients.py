@@ -127,7 +127,9 @@ class GradientExplainer(Explainer[P]):
         except FailedPrecondition as exc:  # cached by the model and reported by applicable()
             log.warning("%s %s: no gradient graph: %s", model.name, model.version, exc.message)
             return
-        if self.relu == "standard" and not is_token_input(model, model.input.name):
+        # under a capped arena the measurement could take the memory the cap keeps for requests
+        capped = model.factory.env_allocators
+        if self.relu == "standard" and not capped and not is_token_input(model, model.input.name):
             tune_chunk(model, session)
 
     def applicable(self, model: LoadedModel) -> str | None:
@@ -150,7 +152,11 @@ def tune_chunk(model: LoadedModel, session: ort.InferenceSession) -> None:
         batch[TARGET] = np.zeros(size, dtype=np.int64)
         return batch
 
-    size, seconds = fastest_chunk(session, feeds, model.config.max_batch_size)
+    measured = fastest_chunk(session, feeds, model.config.max_batch_size)
+    if measured is None:
+        log.info("%s %s: the gradient graph could not be timed", model.name, model.version)
+        return
+    size, seconds = measured
     model.chunks[key] = size
     log.info(
         "%s %s: gradient chunks of %d rows (%.2f ms per row)",

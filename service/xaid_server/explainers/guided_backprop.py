@@ -63,7 +63,9 @@ class GuidedBackpropExplainer(GradientExplainer[GuidedBackpropParams]):
         params = self.merge(model, given)
         return GuidedBackpropParams(rule=choice(params.rule, "guided_backprop.rule", RULES))
 
-    def cost(self, params: GuidedBackpropParams, x_shape: tuple[int, ...]) -> int:
+    def cost(
+        self, params: GuidedBackpropParams, x_shape: tuple[int, ...], model: LoadedModel
+    ) -> int:
         return x_shape[0]
 
     def explain(self, ctx: ExplainContext, params: GuidedBackpropParams) -> Explanation:

@@ -95,7 +95,9 @@ class IntegratedGradientsExplainer(GradientExplainer[IntegratedGradientsParams])
             baseline=number(baseline, "integrated_gradients.baseline"),
         )
 
-    def cost(self, params: IntegratedGradientsParams, x_shape: tuple[int, ...]) -> int:
+    def cost(
+        self, params: IntegratedGradientsParams, x_shape: tuple[int, ...], model: LoadedModel
+    ) -> int:
         assert params.n_steps is not None
         return x_shape[0] * (params.n_steps + 1)
 

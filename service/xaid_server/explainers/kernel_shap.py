@@ -17,7 +17,13 @@ from typing import Any
 import numpy as np
 
 from xaid_server.errors import FailedPrecondition, InvalidArgument
-from xaid_server.explainers.base import ExplainContext, Explanation, SegmentResult
+from xaid_server.explainers.base import (
+    NO_LIMITS,
+    ExplainContext,
+    Explanation,
+    Limits,
+    SegmentResult,
+)
 from xaid_server.explainers.sampling import constrained_shapley, shapley_masks, weighted_r2
 from xaid_server.explainers.segmentation import SegmentationParams
 from xaid_server.explainers.surrogate import (
@@ -38,9 +44,7 @@ from xaid_server.explainers.surrogate import (
 )
 from xaid_server.runtime.model import LoadedModel
 
-EXTRA_SAMPLES = 2048  # the default samples: 2M + 2048
-#: Defaults stay within this many evaluations (samples x background rows) per explained row.
-SAMPLE_BUDGET = 50_000
+EXTRA_SAMPLES = 2048  # the default samples: 2M + 2048, capped so that the request fits the server
 
 
 @dataclass(frozen=True)
@@ -52,16 +56,6 @@ class KernelShapParams:
     fill: str = ""
 
 
-class Resolved(KernelShapParams):
-    """Resolved parameters and the fill rows each coalition meets (a cost, not a parameter)."""
-
-    rows: int
-
-    def __init__(self, rows: int, **values: Any) -> None:
-        super().__init__(**values)
-        object.__setattr__(self, "rows", rows)
-
-
 class KernelShapExplainer(SurrogateExplainer[KernelShapParams]):
     """Shapley-kernel coalitions, masked on the device, and an efficiency-constrained fit."""
 
@@ -70,6 +64,11 @@ class KernelShapExplainer(SurrogateExplainer[KernelShapParams]):
 
     def resolve(
         self, model: LoadedModel, x_shape: tuple[int, ...], given: Mapping[str, Any]
+    ) -> KernelShapParams:
+        return self.resolve_within(model, x_shape, given, NO_LIMITS)
+
+    def resolve_within(
+        self, model: LoadedModel, x_shape: tuple[int, ...], given: Mapping[str, Any], limits: Limits
     ) -> KernelShapParams:
         params = self.merge(model, given)
         kind = kind_of(model, x_shape)
@@ -81,22 +80,32 @@ class KernelShapExplainer(SurrogateExplainer[KernelShapParams]):
             no_segmentation(params.segmentation, "kernel_shap")
             fills = TEXT_FILLS if kind == "text" else tabular_fills(model, x_shape[1])
         fill = choose_fill(params.fill, fills, "kernel_shap")
-        rows = len(model.config.background) if fill == "background" else 1
-        count = segment_count(model, x_shape, segmentation)
-        default = min(2 * count + EXTRA_SAMPLES, max(1, SAMPLE_BUDGET // rows))
-        n_samples = default if params.n_samples is None else params.n_samples
+        # Each sample and the empty coalition meet every fill row of every explained row.
+        per_sample = x_shape[0] * _fill_rows(model, fill)
+        fitting = limits.available // per_sample - 1
+        if params.n_samples is None:  # too few to fit: the core refuses the whole request
+            count = segment_count(model, x_shape, segmentation)
+            n_samples = max(1, min(2 * count + EXTRA_SAMPLES, fitting))
+            return KernelShapParams(n_samples=n_samples, segmentation=segmentation, fill=fill)
+        n_samples = params.n_samples
         if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
             raise InvalidArgument(
                 f"kernel_shap.n_samples: expected a positive integer, got {n_samples!r}",
                 field="kernel_shap.n_samples",
             )
-        return Resolved(rows, n_samples=n_samples, segmentation=segmentation, fill=fill)
+        if n_samples > fitting:
+            raise InvalidArgument(
+                f"kernel_shap.n_samples: {n_samples} samples need {(n_samples + 1) * per_sample} "
+                f"model evaluations ({per_sample} per sample), over the server cap of "
+                f"{limits.max_evaluations}; at most {max(0, fitting)} samples fit",
+                field="kernel_shap.n_samples",
+            )
+        return KernelShapParams(n_samples=n_samples, segmentation=segmentation, fill=fill)
 
-    def cost(self, params: KernelShapParams, x_shape: tuple[int, ...]) -> int:
+    def cost(self, params: KernelShapParams, x_shape: tuple[int, ...], model: LoadedModel) -> int:
         """The samples and the empty coalition, each against every fill row."""
         assert params.n_samples is not None
-        rows = params.rows if isinstance(params, Resolved) else 1
-        return x_shape[0] * (params.n_samples + 1) * rows
+        return x_shape[0] * (params.n_samples + 1) * _fill_rows(model, params.fill)
 
     def explain(self, ctx: ExplainContext, params: KernelShapParams) -> Explanation:
         assert params.n_samples is not None
@@ -145,6 +154,11 @@ def tabular_fills(model: LoadedModel, count: int) -> tuple[str, ...]:
     if config.features is not None and len(config.features.mean) == count:
         fills.append("mean")
     return tuple(fills)
+
+
+def _fill_rows(model: LoadedModel, fill: str) -> int:
+    """The reference rows a hidden segment takes its values from, one evaluation each."""
+    return len(model.config.background) if fill == "background" else 1
 
 
 def _segments(ctx: ExplainContext, row: int, kind: str, params: KernelShapParams) -> Segments:

@@ -110,7 +110,7 @@ class LimeExplainer(SurrogateExplainer[LimeParams]):
             fill=choose_fill(params.fill, fills, "lime"),
         )
 
-    def cost(self, params: LimeParams, x_shape: tuple[int, ...]) -> int:
+    def cost(self, params: LimeParams, x_shape: tuple[int, ...], model: LoadedModel) -> int:
         assert params.n_samples is not None
         return x_shape[0] * params.n_samples
 

@@ -91,7 +91,7 @@ class OcclusionExplainer(Explainer[OcclusionParams]):
             )
         return OcclusionParams(window=window, stride=stride, baseline=float(baseline))
 
-    def cost(self, params: OcclusionParams, x_shape: tuple[int, ...]) -> int:
+    def cost(self, params: OcclusionParams, x_shape: tuple[int, ...], model: LoadedModel) -> int:
         positions = _positions(x_shape[1:], params)
         return x_shape[0] * math.prod(len(p) for p in positions)
 

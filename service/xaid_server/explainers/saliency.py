@@ -38,7 +38,7 @@ class SaliencyExplainer(GradientExplainer[SaliencyParams]):
             )
         return SaliencyParams(abs=bool(params.abs))
 
-    def cost(self, params: SaliencyParams, x_shape: tuple[int, ...]) -> int:
+    def cost(self, params: SaliencyParams, x_shape: tuple[int, ...], model: LoadedModel) -> int:
         return x_shape[0]
 
     def explain(self, ctx: ExplainContext, params: SaliencyParams) -> Explanation:

@@ -86,7 +86,7 @@ class SmoothGradExplainer(GradientExplainer[SmoothGradParams]):
             variant=choice(params.variant, "smoothgrad.variant", VARIANTS),
         )
 
-    def cost(self, params: SmoothGradParams, x_shape: tuple[int, ...]) -> int:
+    def cost(self, params: SmoothGradParams, x_shape: tuple[int, ...], model: LoadedModel) -> int:
         assert params.n_samples is not None
         return x_shape[0] * params.n_samples
 
