@@ -24,6 +24,7 @@ from tests.helpers import make_model
 from xaid_server.errors import FailedPrecondition, InvalidArgument
 from xaid_server.graphs.gradient import (
     GRADIENT,
+    PREFIX,
     RELU_RULES,
     SUPPORTED_OPS,
     TARGET,
@@ -450,6 +451,9 @@ def conv(
 CONV = {
     "k3_s1_p1": conv(pads=[1, 1, 1, 1], bias=True),
     "k3_s1_asymmetric": conv(pads=[0, 1, 1, 0]),
+    "k3_s1_p1_wide": conv(channels=8, pads=[1, 1, 1, 1], bias=True),
+    "k3_s1_asymmetric_wide": conv(channels=9, pads=[0, 1, 1, 0]),
+    "dilation2_s1_wide": conv(channels=8, size=(8, 7), dilations=[2, 2], pads=[2, 2, 2, 2]),
     "k3_s2_p1_odd": conv(strides=[2, 2], pads=[1, 1, 1, 1]),
     "k3_s2_asymmetric": conv(strides=[2, 2], pads=[0, 0, 1, 1]),
     "k3_s2_p0_even": conv(size=(8, 8), strides=[2, 2]),
@@ -488,8 +492,23 @@ def pool(op: str, size: tuple[int, ...] = (7, 6), channels: int = 3, **attrs: An
     return linear(nodes, {"x": (channels, *size)})
 
 
+def pool32(size: tuple[int, ...] = (7, 6), **attrs: Any) -> Case:
+    """A float32 MaxPool (onnxruntime's MaxUnpool has no float64 kernel): max is piecewise
+    linear, and a small step does not cross a decision of these seeded values."""
+    nodes = [node("MaxPool", ["x"], ["y"], **attrs)]
+    return Case(nodes, {"x": (3, *size)}, dtype=F32, step=1e-3, rtol=1e-3)
+
+
 POOL = {
     "max_k2_s2": pool("MaxPool", kernel_shape=[2, 2], strides=[2, 2]),
+    "max_k2_s2_float32": pool32(kernel_shape=[2, 2], strides=[2, 2]),
+    "max_ceil_odd_float32": pool32(kernel_shape=[2, 2], strides=[2, 2], ceil_mode=1),
+    "max_dilated_disjoint_float32": pool32(
+        size=(8, 9), kernel_shape=[2, 2], strides=[3, 3], dilations=[2, 2], pads=[1, 0, 0, 1]
+    ),
+    "max_k3_s2_p1_overlapping_float32": pool32(
+        kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1]
+    ),
     "max_k2_s2_tiling": pool("MaxPool", size=(8, 6), kernel_shape=[2, 2], strides=[2, 2]),
     "max_k3_s3_tiling": pool("MaxPool", size=(6, 9), kernel_shape=[3, 3], strides=[3, 3]),
     "max_k3_s2_p1_overlapping": pool(
@@ -647,17 +666,19 @@ def test_ir_version_stays_loadable(ir_version: int, opset: int, expected: int) -
     assert all(n.domain == "" for n in grad_model.graph.node)
 
 
+@pytest.mark.parametrize("dtype", [F64, F32])
 @pytest.mark.parametrize("block", [2, 3])
-def test_tiling_max_pool_routes_ties_to_the_first_maximum(block: int) -> None:
-    """Windows of equal values (a ReLU's zeros) give their gradient to the first, row-major."""
+def test_tiling_max_pool_routes_ties_to_the_first_maximum(block: int, dtype: int) -> None:
+    """Windows of equal values (a ReLU's zeros) give their gradient to the first, row-major
+    (float64 scatters, float32 unpools)."""
     shape = (1, 2, 2 * block, 2 * block)
     model = make_model(
         [node("MaxPool", ["x"], ["y"], kernel_shape=[block, block], strides=[block, block])],
-        [helper.make_tensor_value_info("x", F64, ["b", *shape[1:]])],
-        [helper.make_tensor_value_info("y", F64, ["b", 2, 2, 2])],
+        [helper.make_tensor_value_info("x", dtype, ["b", *shape[1:]])],
+        [helper.make_tensor_value_info("y", dtype, ["b", 2, 2, 2])],
     )
     rng = np.random.default_rng(0)
-    x = rng.integers(0, 2, shape).astype(np.float64)  # many ties at 0 and at 1
+    x = rng.integers(0, 2, shape).astype(helper.tensor_dtype_to_np_dtype(dtype))  # ties at 0, 1
     x[0, 0, :block, :block] = 0.0  # a window of zeros only
     outputs = x[0].size // block**2
     rows = np.repeat(x, outputs, axis=0)
@@ -671,6 +692,27 @@ def test_tiling_max_pool_routes_ties_to_the_first_maximum(block: int) -> None:
         first = np.unravel_index(int(np.argmax(window)), window.shape)
         expected[channel, top + first[0], left + first[1]] = 1.0
         np.testing.assert_array_equal(gradient[k], expected)
+
+
+@pytest.mark.parametrize(
+    ("case", "emitted", "avoided"),
+    [
+        (conv(channels=3, pads=[1, 1, 1, 1]), "ConvTranspose", "Conv"),
+        (conv(channels=8, pads=[1, 1, 1, 1]), "Conv", "ConvTranspose"),
+        (conv(channels=4, out=4, group=4, pads=[1, 1, 1, 1]), "Conv", "ConvTranspose"),
+        (pool32(kernel_shape=[2, 2], strides=[2, 2]), "MaxUnpool", "ScatterElements"),
+        (pool("MaxPool", kernel_shape=[2, 2], strides=[2, 2]), "ScatterElements", "MaxUnpool"),
+        (pool32(kernel_shape=[3, 3], strides=[2, 2]), "ScatterElements", "MaxUnpool"),
+    ],
+    ids=["conv_few_channels", "conv_wide", "depthwise", "pool_disjoint", "pool_f64", "overlap"],
+)
+def test_backward_picks_the_faster_formulation(case: Case, emitted: str, avoided: str) -> None:
+    """Stride-1 conv backward: ConvTranspose below FEW_CHANNELS outputs (onnxruntime's blocked
+    Conv pads them to a block), Conv otherwise; disjoint float32 pools unpool, others scatter."""
+    grad_model = build_gradient_graph(case.model())
+    backward = {n.op_type for n in grad_model.graph.node if n.name.startswith(PREFIX)}
+    assert emitted in backward
+    assert avoided not in backward
 
 
 def test_operand_without_batch_sums_over_rows() -> None:

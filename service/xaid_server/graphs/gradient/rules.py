@@ -36,8 +36,10 @@ def _mask(ctx: Context, condition: str) -> str:
 
 
 def _relu(ctx: Context) -> dict[int, str]:
+    """The mask reads the output (y > 0 exactly where x > 0): the input, often a convolution's
+    output, need not be kept, and onnxruntime can fuse the ReLU into that convolution."""
     return _scaled(
-        ctx, lambda: _mask(ctx, ctx.emit.op("Greater", [ctx.x, ctx.scalar(0)])), relu_like=True
+        ctx, lambda: _mask(ctx, ctx.emit.op("Greater", [ctx.y, ctx.scalar(0)])), relu_like=True
     )
 
 
