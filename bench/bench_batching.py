@@ -4,7 +4,9 @@ Two server processes serve the same `shapes` model with the same config, one wit
 `dynamic_batching` added. Each of 16 client threads (one channel each) sends batch-1 Predicts
 back to back for a fixed time; throughput is requests per second over that time, and the mean
 executed batch size comes from the server's own `xaid_batch_size` histogram (runs and rows
-during the timed window). Targets: mean batch above 4, throughput at least 2x unbatched.
+during the timed window), and the server's CPU time per request from its
+`process_cpu_seconds_total`: on a CPU the server's own work per request, not the model run,
+bounds the throughput. Targets: mean batch above 4, throughput at least 2x unbatched.
 
     .venv/bin/python bench/bench_batching.py
 """
@@ -35,6 +37,7 @@ from bench.common import (
     machine,
     machine_markdown,
     measure,
+    ms,
     ratio,
     table,
     times,
@@ -60,18 +63,22 @@ def repository(folder: Path, batching: bool) -> Path:
     return folder
 
 
-def batch_counts(metrics_url: str) -> tuple[float, float]:
-    """(runs, rows) so far of the model's executed-batch histogram."""
+def batch_counts(metrics_url: str) -> tuple[float, float, float]:
+    """(runs, rows) so far of the model's executed-batch histogram, and the server's CPU
+    seconds."""
     with urllib.request.urlopen(metrics_url, timeout=10) as reply:
         text = reply.read().decode()
     found = {"count": 0.0, "sum": 0.0}
+    cpu = 0.0
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
+            if family.name == "process_cpu_seconds":
+                cpu = sample.value
             if family.name == "xaid_batch_size" and sample.labels.get("model") == SHAPES:
                 for key in found:
                     if sample.name.endswith("_" + key):
                         found[key] = sample.value
-    return found["count"], found["sum"]
+    return found["count"], found["sum"], cpu
 
 
 def load(address: str, metrics_url: str, seconds: float) -> dict[str, Any]:
@@ -97,13 +104,13 @@ def load(address: str, metrics_url: str, seconds: float) -> dict[str, Any]:
     for thread in threads:
         thread.start()
     time.sleep(WARMUP_S)
-    runs0, rows0 = batch_counts(metrics_url)
+    runs0, rows0, cpu0 = batch_counts(metrics_url)
     timing.set()
     began = time.perf_counter()
     time.sleep(seconds)
     timing.clear()
     elapsed = time.perf_counter() - began
-    runs1, rows1 = batch_counts(metrics_url)
+    runs1, rows1, cpu1 = batch_counts(metrics_url)
     stop.set()
     for thread in threads:
         thread.join()
@@ -116,6 +123,7 @@ def load(address: str, metrics_url: str, seconds: float) -> dict[str, Any]:
         "throughput_per_s": sum(done) / elapsed,
         "runs": runs,
         "mean_batch": ratio(rows, runs),
+        "server_cpu_per_request_s": ratio(cpu1 - cpu0, sum(done)),
     }
 
 
@@ -174,7 +182,8 @@ def report(results: dict[str, Any]) -> str:
         row = results[name]
         lines.append(
             f"  {name:<10} {row['throughput_per_s']:8.1f} req/s   "
-            f"mean executed batch {row['mean_batch']:.2f} ({row['runs']:.0f} runs)"
+            f"mean executed batch {row['mean_batch']:.2f} ({row['runs']:.0f} runs)   "
+            f"server CPU {ms(row['server_cpu_per_request_s'])} per request"
         )
     lines.append(
         f"  batched / unbatched throughput {times(results['speedup'])}   (ceiling: plain "
@@ -190,6 +199,7 @@ def markdown(results: dict[str, Any]) -> list[str]:
             f"{results[name]['throughput_per_s']:.1f}",
             f"{results[name]['mean_batch']:.2f}",
             f"{results[name]['requests']}",
+            ms(results[name]["server_cpu_per_request_s"]),
         ]
         for name in ("unbatched", "batched")
     ]
@@ -202,9 +212,14 @@ def markdown(results: dict[str, Any]) -> list[str]:
         "mean executed batch comes from the server's `xaid_batch_size` histogram. Batched "
         "config: `max_queue_delay_microseconds: 3000`, `preferred_batch_size: [8]`. Ceiling: "
         "plain `session.run` rows/s at batch 16 over batch 1 in the bench's process, the most "
-        "any batching can gain on this device.",
+        "any batching can gain on this device's model runs. Server CPU per request: the "
+        "server process's CPU seconds (its `process_cpu_seconds_total`) over the window's "
+        "requests; the clients run in the bench's process on the same cores.",
         "",
-        *table(["server", "requests/s", "mean executed batch", "requests"], rows),
+        *table(
+            ["server", "requests/s", "mean executed batch", "requests", "server CPU per request"],
+            rows,
+        ),
         "",
         f"- mean executed batch {results['batched']['mean_batch']:.2f} (target > "
         f"{TARGET_BATCH:g}): {verdict[targets['mean_batch']['met']]}",

@@ -13,6 +13,7 @@ from typing import Any, NoReturn, TypeAlias, cast
 import grpc
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
+from prometheus_client import Counter
 
 from xaid_server.errors import InvalidArgument, XaidError
 from xaid_server.metrics import Metrics
@@ -102,6 +103,10 @@ async def abort_with(context: grpc.aio.ServicerContext[Any, Any], exc: BaseExcep
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
+    def __init__(self) -> None:
+        # method -> (registered handler, its wrapped copy): wrapped once, not on every call
+        self._wrapped: dict[str, tuple[Handler, Handler]] = {}
+
     async def intercept_service(
         self,
         continuation: Continuation,
@@ -110,7 +115,14 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(details)
         if handler is None:
             return None
-        return _rewrap(handler, self._unary, self._stream, _lenient(handler.request_deserializer))
+        cached = self._wrapped.get(details.method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapped = _rewrap(
+            handler, self._unary, self._stream, _lenient(handler.request_deserializer)
+        )
+        self._wrapped[details.method] = (handler, wrapped)
+        return wrapped
 
     @staticmethod
     def _unary(behavior: Unary) -> Unary:
@@ -147,11 +159,40 @@ def split_method(full: str) -> tuple[str, str]:
     return service, method
 
 
+class _Series:
+    """The grpc_server_* children of one RPC, looked up once: a labels() lookup costs more
+    than the update itself."""
+
+    def __init__(self, metrics: Metrics, labels: tuple[str, str, str]) -> None:
+        self.labels = labels
+        self.handled = metrics.grpc_handled
+        self.started = metrics.grpc_started.labels(*labels)
+        self.handling = metrics.grpc_handling.labels(*labels)
+        self.by_code: dict[grpc.StatusCode, Counter] = {}
+
+    def done(self, began: float, code: grpc.StatusCode) -> None:
+        handled = self.by_code.get(code)
+        if handled is None:
+            handled = self.by_code[code] = self.handled.labels(*self.labels, code.name)
+        handled.inc()
+        self.handling.observe(time.perf_counter() - began)
+
+
 class MetricsInterceptor(grpc.aio.ServerInterceptor):
     """grpc_server_started/handled/handling_seconds, counting aborted and cancelled RPCs too."""
 
     def __init__(self, metrics: Metrics) -> None:
         self.metrics = metrics
+        self._series: dict[tuple[str, str], _Series] = {}
+
+    def series(self, method: str, rpc_type: str) -> _Series:
+        found = self._series.get((method, rpc_type))
+        if found is None:
+            service, name = split_method(method)
+            found = self._series[(method, rpc_type)] = _Series(
+                self.metrics, (service, name, rpc_type)
+            )
+        return found
 
     async def intercept_service(
         self,
@@ -161,16 +202,12 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(details)
         if handler is None:
             return None
-        service, method = split_method(details.method)
+        method = details.method
         return _rewrap(
             handler,
-            lambda b: self._unary(b, (service, method, "unary")),
-            lambda b: self._stream(b, (service, method, "server_stream")),
+            lambda b: self._unary(b, self.series(method, "unary")),
+            lambda b: self._stream(b, self.series(method, "server_stream")),
         )
-
-    def _done(self, labels: tuple[str, str, str], began: float, code: grpc.StatusCode) -> None:
-        self.metrics.grpc_handled.labels(*labels, code.name).inc()
-        self.metrics.grpc_handling.labels(*labels).observe(time.perf_counter() - began)
 
     @staticmethod
     def _code(
@@ -183,32 +220,32 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
         code = context.code()
         return code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.UNKNOWN
 
-    def _unary(self, behavior: Unary, labels: tuple[str, str, str]) -> Unary:
+    def _unary(self, behavior: Unary, series: _Series) -> Unary:
         async def run(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-            self.metrics.grpc_started.labels(*labels).inc()
+            series.started.inc()
             began = time.perf_counter()
             try:
                 response = await behavior(request, context)
             except BaseException as exc:
-                self._done(labels, began, self._code(context, exc))
+                series.done(began, self._code(context, exc))
                 raise
-            self._done(labels, began, grpc.StatusCode.OK)
+            series.done(began, grpc.StatusCode.OK)
             return response
 
         return run
 
-    def _stream(self, behavior: Stream, labels: tuple[str, str, str]) -> Stream:
+    def _stream(self, behavior: Stream, series: _Series) -> Stream:
         async def run(
             request: Any, context: grpc.aio.ServicerContext[Any, Any]
         ) -> AsyncIterator[Any]:
-            self.metrics.grpc_started.labels(*labels).inc()
+            series.started.inc()
             began = time.perf_counter()
             try:
                 async for item in behavior(request, context):
                     yield item
             except BaseException as exc:
-                self._done(labels, began, self._code(context, exc))
+                series.done(began, self._code(context, exc))
                 raise
-            self._done(labels, began, grpc.StatusCode.OK)
+            series.done(began, grpc.StatusCode.OK)
 
         return run

@@ -211,7 +211,16 @@ class ExplainerServicer(xaid_pb2_grpc.ExplainerServicer):
             model=result.model,
             version=result.version,
             outputs=[to_tensor(array, name) for name, array in result.outputs],
-            top=[xaid_pb2.ClassScore(**dataclasses.asdict(score)) for score in result.top],
+            top=[
+                xaid_pb2.ClassScore(
+                    row=s.row,
+                    index=s.index,
+                    label=s.label,
+                    score=s.score,
+                    probability=s.probability,
+                )
+                for s in result.top
+            ],
             tokens=[xaid_pb2.Tokens(tokens=row) for row in result.tokens],
         )
 

@@ -116,6 +116,26 @@ def test_a_full_batch_does_not_wait_for_the_delay(executor: ThreadPoolExecutor) 
     assert model.batches == [4]
 
 
+def test_the_request_that_fills_a_waiting_batch_dispatches_it(
+    executor: ThreadPoolExecutor,
+) -> None:
+    model = Model()
+
+    async def main() -> float:
+        b = batcher(executor, max_batch=4, delay_us=30_000_000)
+        first = b.submit({"x": rows(0, 1)}, Job(), model.run, "m")
+        await asyncio.sleep(0.05)  # the batch is now waiting for more rows
+        assert not first.done()
+        assert model.batches == []
+        began = time.perf_counter()
+        rest = [b.submit({"x": rows(i, 1)}, Job(), model.run, "m") for i in range(1, 4)]
+        await asyncio.gather(first, *rest)
+        return time.perf_counter() - began
+
+    assert asyncio.run(main()) < 10.0
+    assert model.batches == [4]
+
+
 def test_a_failing_request_fails_alone(executor: ThreadPoolExecutor) -> None:
     model = Model()
     bad = rows(1, 2)

@@ -11,7 +11,6 @@ batch fails, its requests are run one by one so that one bad request fails alone
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections import deque
 from collections.abc import Callable, Hashable, Mapping
@@ -66,7 +65,8 @@ class DynamicBatcher:
         self.target = min(max(config.preferred_batch_size, default=max_batch_size), max_batch_size)
         self.observe_queue = observe_queue
         self._queue: deque[_Request] = deque()
-        self._arrival = asyncio.Event()
+        # resolved by the request that fills the batch being gathered
+        self._full: asyncio.Future[None] | None = None
         self._loop_task: asyncio.Task[None] | None = None
 
     def submit(
@@ -83,7 +83,9 @@ class DynamicBatcher:
         # a caller that went away never reads the outcome; read it so asyncio does not log it
         future.add_done_callback(lambda done: done.cancelled() or done.exception())
         self._queue.append(_Request(feeds, job, run, (group, signature(feeds)), future))
-        self._arrival.set()
+        full = self._full
+        if full is not None and not full.done() and self._waiting_rows() >= self.target:
+            full.set_result(None)
         if self._loop_task is None or self._loop_task.done():
             self._loop_task = loop.create_task(self._dispatch())
         return future
@@ -100,15 +102,21 @@ class DynamicBatcher:
         return sum(r.rows for r in self._queue if r.group == head and not r.future.done())
 
     async def _gather(self) -> None:
-        """Wait for more requests until the batch is full or its oldest one waited the delay."""
-        until = self._queue[0].arrived + self.delay
-        while self._waiting_rows() < self.target:
-            remaining = until - time.perf_counter()
-            if remaining <= 0:
-                return
-            self._arrival.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._arrival.wait(), remaining)
+        """Wait for more requests until the batch is full or its oldest one waited the delay.
+
+        One future and one timer per batch: arrivals before the batch fills wake nothing.
+        """
+        remaining = self._queue[0].arrived + self.delay - time.perf_counter()
+        if remaining <= 0 or self._waiting_rows() >= self.target:
+            return
+        loop = asyncio.get_running_loop()
+        self._full = full = loop.create_future()
+        timer = loop.call_later(remaining, _resolve, full)
+        try:
+            await full
+        finally:
+            timer.cancel()
+            self._full = None
 
     def _take(self) -> list[_Request]:
         """The next batch: the oldest live request and the compatible ones after it that fit."""
@@ -163,6 +171,11 @@ class DynamicBatcher:
         for request, n in zip(batch, rows, strict=True):
             _settle(request, [o[start : start + n] for o in outputs])
             start += n
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 def _settle(request: _Request, outcome: Outputs | BaseException) -> None:
