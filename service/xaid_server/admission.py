@@ -17,7 +17,7 @@ from google.protobuf import duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from xaid_server.interceptors import Continuation, Handler, Stream, Unary, _rewrap, split_method
+from xaid_server.interceptors import Continuation, Handler, Stream, Unary, rewrap, split_method
 from xaid_server.metrics import Metrics
 
 #: The method names (of every service on the server) that each limit covers.
@@ -83,7 +83,7 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):
         gate = self.gates.get(KINDS.get(split_method(details.method)[1], ""))
         if handler is None or gate is None:
             return handler
-        return _rewrap(handler, lambda b: _unary(b, gate), lambda b: _stream(b, gate))
+        return rewrap(handler, lambda b: _unary(b, gate), lambda b: _stream(b, gate))
 
 
 def _unary(behavior: Unary, gate: Gate) -> Unary:

@@ -17,7 +17,7 @@ from typing import Any
 
 import grpc
 
-from xaid_server.interceptors import Continuation, Handler, Stream, Unary, _rewrap, split_method
+from xaid_server.interceptors import Continuation, Handler, Stream, Unary, rewrap, split_method
 from xaid_server.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -107,8 +107,8 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         subject = self.subject(bearer(details.invocation_metadata)) if self.tokens else ""
         if subject is None:
             log.info("refused %s: %s", details.method, REFUSED)
-            return _rewrap(handler, lambda _: _refuse_unary, lambda _: _refuse_stream)
-        return _rewrap(
+            return rewrap(handler, lambda _: _refuse_unary, lambda _: _refuse_stream)
+        return rewrap(
             handler, lambda b: _named_unary(b, subject), lambda b: _named_stream(b, subject)
         )
 

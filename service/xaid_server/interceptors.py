@@ -26,7 +26,7 @@ Unary = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]
 Stream = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], AsyncIterator[Any]]
 
 
-def _rewrap(
+def rewrap(
     handler: Handler,
     unary: Callable[[Unary], Unary],
     stream: Callable[[Stream], Stream],
@@ -118,9 +118,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         cached = self._wrapped.get(details.method)
         if cached is not None and cached[0] is handler:
             return cached[1]
-        wrapped = _rewrap(
-            handler, self._unary, self._stream, _lenient(handler.request_deserializer)
-        )
+        wrapped = rewrap(handler, self._unary, self._stream, _lenient(handler.request_deserializer))
         self._wrapped[details.method] = (handler, wrapped)
         return wrapped
 
@@ -203,7 +201,7 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
         if handler is None:
             return None
         method = details.method
-        return _rewrap(
+        return rewrap(
             handler,
             lambda b: self._unary(b, self.series(method, "unary")),
             lambda b: self._stream(b, self.series(method, "server_stream")),
