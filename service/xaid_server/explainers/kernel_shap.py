@@ -33,11 +33,10 @@ from xaid_server.explainers.surrogate import (
     SurrogateExplainer,
     choose_fill,
     feature_names,
-    image_segmentation,
     image_segments,
     kind_of,
     masked_scores,
-    no_segmentation,
+    resolve_kind,
     segment_count,
     spread,
     text_segments,
@@ -71,13 +70,10 @@ class KernelShapExplainer(SurrogateExplainer[KernelShapParams]):
         self, model: LoadedModel, x_shape: tuple[int, ...], given: Mapping[str, Any], limits: Limits
     ) -> KernelShapParams:
         params = self.merge(model, given)
-        kind = kind_of(model, x_shape)
-        segmentation = None
+        kind, segmentation = resolve_kind(model, x_shape, params.segmentation, "kernel_shap")
         if kind == "image":
-            segmentation = image_segmentation(model, x_shape, params.segmentation, "kernel_shap")
             fills = IMAGE_FILLS
         else:
-            no_segmentation(params.segmentation, "kernel_shap")
             fills = TEXT_FILLS if kind == "text" else tabular_fills(model, x_shape[1])
         fill = choose_fill(params.fill, fills, "kernel_shap")
         # Each sample and the empty coalition meet every fill row of every explained row.

@@ -35,11 +35,10 @@ from xaid_server.explainers.surrogate import (
     SurrogateExplainer,
     choose_fill,
     feature_names,
-    image_segmentation,
     image_segments,
     kind_of,
     masked_scores,
-    no_segmentation,
+    resolve_kind,
     spread,
     text_segments,
 )
@@ -75,13 +74,10 @@ class LimeExplainer(SurrogateExplainer[LimeParams]):
         self, model: LoadedModel, x_shape: tuple[int, ...], given: Mapping[str, Any]
     ) -> LimeParams:
         params = self.merge(model, given)
-        kind = kind_of(model, x_shape)
-        segmentation = None
+        kind, segmentation = resolve_kind(model, x_shape, params.segmentation, "lime")
         if kind == "image":
-            segmentation = image_segmentation(model, x_shape, params.segmentation, "lime")
             fills, samples, width = IMAGE_FILLS, IMAGE_SAMPLES, IMAGE_WIDTH
         else:
-            no_segmentation(params.segmentation, "lime")
             samples = OTHER_SAMPLES
             if kind == "text":
                 fills, width = TEXT_FILLS, TEXT_WIDTH

@@ -85,24 +85,27 @@ def choose_fill(given: str, allowed: tuple[str, ...], where: str) -> str:
     return fill
 
 
-def image_segmentation(
+def resolve_kind(
     model: LoadedModel, x_shape: tuple[int, ...], given: Any, where: str
-) -> SegmentationParams:
-    return resolve_segmentation(given, image_size(model, x_shape), f"{where}.segmentation")
-
-
-def image_size(model: LoadedModel, x_shape: tuple[int, ...]) -> tuple[int, int]:
-    nhwc = model.config.image is not None and model.config.image.layout == "NHWC"
-    return (x_shape[1], x_shape[2]) if nhwc else (x_shape[2], x_shape[3])
-
-
-def no_segmentation(given: Any, where: str) -> None:
+) -> tuple[str, SegmentationParams | None]:
+    """The input's kind and, for images, the segmentation asked for with its defaults filled;
+    features and tokens are the segments of the other kinds, which refuse a segmentation."""
+    kind = kind_of(model, x_shape)
+    if kind == "image":
+        size = image_size(model, x_shape)
+        return kind, resolve_segmentation(given, size, f"{where}.segmentation")
     if given:
         raise InvalidArgument(
             f"{where}.segmentation: only image models are segmented; features and tokens are "
             "the segments of tabular and text models",
             field=f"{where}.segmentation",
         )
+    return kind, None
+
+
+def image_size(model: LoadedModel, x_shape: tuple[int, ...]) -> tuple[int, int]:
+    nhwc = model.config.image is not None and model.config.image.layout == "NHWC"
+    return (x_shape[1], x_shape[2]) if nhwc else (x_shape[2], x_shape[3])
 
 
 def segment_count(
