@@ -23,12 +23,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import grpc
 import numpy as np
 import onnxruntime as ort
-from grpc_health.v1 import health_pb2
 
 from xaid import Client, ModelInfo
+from xaid_server import healthcheck
 from xaid_server.model_config import load_config
 from xaid_server.repository import CONFIG_FILE, MODEL_FILE
 from xaid_server.runtime.model import LoadedModel, SessionFactory, load_model
@@ -41,8 +40,6 @@ SHAPES = "shapes"
 SMALL_RESNET = "small_resnet"
 #: The small ResNet's config.yaml: an image model evaluated in chunks of at most 64.
 SMALL_RESNET_CONFIG = "kind: image\nmax_batch_size: 64\n"
-#: The standard gRPC health check, which the server answers SERVING once its models are warm.
-HEALTH_CHECK = "/grpc.health.v1.Health/Check"
 #: Pause before each timed call, so threads still spinning after the previous work (OpenMP's
 #: for torch; onnxruntime's pools stop at once with `session.force_spinning_stop`) steal no
 #: core from it: on the 2-core machine of bench/results both processes together use under 7 ms
@@ -283,23 +280,13 @@ class ServerProcess:
     def _wait_serving(self, timeout_s: float) -> None:
         """Poll the standard health service until it answers SERVING (models loaded and warm)."""
         deadline = time.monotonic() + timeout_s
-        with grpc.insecure_channel(self.address) as channel:
-            check = channel.unary_unary(
-                HEALTH_CHECK,
-                request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
-                response_deserializer=health_pb2.HealthCheckResponse.FromString,
-            )
-            while time.monotonic() < deadline:
-                code = self.process.poll()
-                if code is not None:
-                    raise RuntimeError(f"the xaid server exited with {code} before serving")
-                with contextlib.suppress(grpc.RpcError):  # not listening yet
-                    reply: health_pb2.HealthCheckResponse = check(
-                        health_pb2.HealthCheckRequest(), timeout=1.0
-                    )
-                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                        return
-                time.sleep(0.1)
+        while time.monotonic() < deadline:
+            code = self.process.poll()
+            if code is not None:
+                raise RuntimeError(f"the xaid server exited with {code} before serving")
+            if healthcheck.check(self.address, timeout=1.0):
+                return
+            time.sleep(0.1)
         raise TimeoutError(f"the xaid server did not answer SERVING within {timeout_s:.0f} s")
 
     def stop(self) -> None:

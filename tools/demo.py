@@ -12,13 +12,11 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
-import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
 from xaid import Client
+from xaid_server import healthcheck
 from xaid_server.settings import DEMO_MODELS
 
 EXAMPLE = DEMO_MODELS.parent / "examples" / "star.png"
@@ -35,18 +33,12 @@ def wait_until_serving(
     address: str, server: subprocess.Popen[bytes], timeout: float = 120.0
 ) -> None:
     deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(address) as channel:
-        health: Any = health_pb2_grpc.HealthStub(channel)  # the stubs type it loosely
-        while time.monotonic() < deadline:
-            if server.poll() is not None:
-                raise SystemExit(f"the server exited with code {server.returncode}")
-            try:
-                reply = health.Check(health_pb2.HealthCheckRequest(), timeout=1.0)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-            time.sleep(0.2)
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise SystemExit(f"the server exited with code {server.returncode}")
+        if healthcheck.check(address, timeout=1.0):
+            return
+        time.sleep(0.2)
     raise SystemExit("the server did not become ready in time")
 
 

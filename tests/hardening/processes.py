@@ -14,6 +14,8 @@ from typing import Any, Self
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from xaid_server import healthcheck
+
 LISTENING = re.compile(r"xaid listening on [\d.]+:(\d+), metrics [\d.]+:(\d+)")
 SERVING = health_pb2.HealthCheckResponse.SERVING
 
@@ -55,14 +57,11 @@ class ServerProcess:
         raise AssertionError(f"server exited with {code} before listening: {self.log[-5:]}")
 
     def wait_serving(self, timeout: float = 120.0) -> None:
-        with grpc.insecure_channel(self.address) as channel:
-            check = health_stub(channel).Check
-            deadline = time.monotonic() + timeout
-            while time.monotonic() < deadline:
-                status = check(health_pb2.HealthCheckRequest(), timeout=5).status
-                if status == SERVING:
-                    return
-                time.sleep(0.05)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if healthcheck.check(self.address, timeout=5):
+                return
+            time.sleep(0.05)
         raise AssertionError("server never became SERVING")
 
     def metric(self, name: str, labels: dict[str, str] | None = None) -> float:
