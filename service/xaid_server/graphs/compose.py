@@ -120,20 +120,20 @@ def prune(graph: onnx.GraphProto) -> None:
         if any(o in needed for o in node.output):
             kept.append(node)
             needed.update(node.input)
-            needed.update(_subgraph_inputs(node))
+            needed.update(subgraph_inputs(node))
     del graph.node[:]
     graph.node.extend(reversed(kept))
     for tensor in [t for t in graph.initializer if t.name not in needed]:
         graph.initializer.remove(tensor)
 
 
-def _subgraph_inputs(node: onnx.NodeProto) -> Iterable[str]:
+def subgraph_inputs(node: onnx.NodeProto) -> Iterable[str]:
     """Every name read inside the node's subgraphs (If/Loop/Scan bodies see outer tensors)."""
     for attr in node.attribute:
         for sub in [attr.g] if attr.HasField("g") else list(attr.graphs):
             for inner in sub.node:
                 yield from inner.input
-                yield from _subgraph_inputs(inner)
+                yield from subgraph_inputs(inner)
 
 
 def _names(graph: onnx.GraphProto) -> set[str]:

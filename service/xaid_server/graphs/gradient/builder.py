@@ -10,9 +10,10 @@ import onnx
 from onnx import TensorProto, helper
 
 from xaid_server.errors import FailedPrecondition, InvalidArgument
+from xaid_server.graphs.compose import subgraph_inputs
 from xaid_server.graphs.gradient import rules, spatial
 from xaid_server.graphs.gradient.emit import FLOAT_TYPES, PREFIX, Context, Emitter, Rule
-from xaid_server.graphs.gradient.shapes import Tensors, probe, subgraph_inputs
+from xaid_server.graphs.gradient.shapes import Tensors, probe
 from xaid_server.graphs.opsets import default_opset, with_min_opset
 
 log = logging.getLogger(__name__)

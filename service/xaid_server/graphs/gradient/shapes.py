@@ -10,7 +10,6 @@ runs are constants the rules may read (slice bounds, pads, conv weights).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,6 +18,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 from xaid_server.errors import FailedPrecondition
+from xaid_server.graphs.compose import subgraph_inputs
 
 Dims = tuple[int | None, ...]
 
@@ -146,12 +146,3 @@ def _varying(graph: onnx.GraphProto, inputs: set[str]) -> set[str]:
         if node.op_type in RANDOM_OPS or any(name in varying for name in reads):
             varying.update(node.output)
     return varying
-
-
-def subgraph_inputs(node: onnx.NodeProto) -> Iterable[str]:
-    """Every name read inside the node's subgraphs (If/Loop/Scan bodies see outer tensors)."""
-    for attribute in node.attribute:
-        for sub in [attribute.g] if attribute.HasField("g") else list(attribute.graphs):
-            for inner in sub.node:
-                yield from inner.input
-                yield from subgraph_inputs(inner)
