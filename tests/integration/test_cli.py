@@ -18,15 +18,7 @@ import xaid
 from xaid.cli import main
 
 ROOT = Path(__file__).resolve().parents[2]
-EXAMPLES = ROOT / "service" / "xaid_server" / "demo" / "examples"
 WINDOW = ["16", "16"]
-
-
-@pytest.fixture(scope="module")
-def image_path() -> Path:
-    pngs = sorted(EXAMPLES.glob("*.png"))
-    assert pngs, f"no example PNGs in {EXAMPLES}"
-    return pngs[0]
 
 
 @pytest.fixture(scope="module")

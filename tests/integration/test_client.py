@@ -31,13 +31,6 @@ UNREACHABLE = "127.0.0.1:1"
 
 
 @pytest.fixture(scope="module")
-def image_path() -> Path:
-    pngs = sorted(EXAMPLES.glob("*.png"))
-    assert pngs, f"no example PNGs in {EXAMPLES}"
-    return pngs[0]
-
-
-@pytest.fixture(scope="module")
 def client(server_address: str) -> Iterator[xaid.Client]:
     with xaid.Client(server_address, timeout=120) as client:
         yield client
