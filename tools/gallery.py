@@ -20,7 +20,6 @@ from PIL import Image
 
 from xaid_server.core.requests import ExplainCall
 from xaid_server.core.service import Core
-from xaid_server.explainers import REGISTRY
 from xaid_server.metrics import Metrics
 from xaid_server.repository import ModelRepository
 from xaid_server.runtime.model import SessionFactory
@@ -80,7 +79,7 @@ async def write_gallery(out: Path) -> list[Path]:
     repository.scan()
     written = []
     with ThreadPoolExecutor(1) as executor:
-        core = Core(settings, repository, metrics, executor, tuple(REGISTRY))
+        core = Core(settings, repository, metrics, executor)
         for name, (method, parameters) in PICTURES.items():
             path = out / f"{name}.png"
             strip(await heatmaps(core, method, parameters)).save(path, optimize=True)

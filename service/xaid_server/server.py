@@ -28,7 +28,7 @@ from xaid_server.repository import ModelRepository
 from xaid_server.runtime.arena import cap_cpu_arena
 from xaid_server.runtime.model import LoadedModel, SessionFactory
 from xaid_server.runtime.providers import probe_providers
-from xaid_server.servicer import METHOD_FIELDS, ExplainerServicer
+from xaid_server.servicer import ExplainerServicer
 from xaid_server.settings import Settings
 from xaid_server.tls import server_credentials
 
@@ -84,7 +84,7 @@ class XaidServer:
         self.repository = ModelRepository(
             s.models, factory, self.metrics, prepare_explainers, prober
         )
-        core = Core(s, self.repository, self.metrics, self.executor, METHOD_FIELDS)
+        core = Core(s, self.repository, self.metrics, self.executor)
         limits = {"predict": s.predict_limit, "explain": s.explain_limit}
         server = grpc.aio.server(
             interceptors=[

@@ -49,14 +49,12 @@ class Core:
         repository: ModelRepository,
         metrics: Metrics,
         executor: ThreadPoolExecutor,
-        known_methods: tuple[str, ...],
     ) -> None:
         self.settings = settings
         self.repository = repository
         self.metrics = metrics
         self.executor = executor
         self.runner = BatchRunner(settings.max_chunk_bytes)
-        self.known_methods = known_methods
         self.batchers = Batchers(
             executor,
             lambda model, seconds: metrics.inference_duration.labels(model, "queue").observe(
@@ -178,7 +176,7 @@ class Core:
     def explainer(self, method: str) -> Explainer[Any]:
         if not method:
             raise InvalidArgument(
-                f"method: choose one of {', '.join(self.known_methods)}", field="method"
+                f"method: choose one of {', '.join(REGISTRY)}", field="method"
             )
         explainer = REGISTRY.get(method)
         if explainer is None:
