@@ -175,9 +175,7 @@ class Core:
 
     def explainer(self, method: str) -> Explainer[Any]:
         if not method:
-            raise InvalidArgument(
-                f"method: choose one of {', '.join(REGISTRY)}", field="method"
-            )
+            raise InvalidArgument(f"method: choose one of {', '.join(REGISTRY)}", field="method")
         explainer = REGISTRY.get(method)
         if explainer is None:
             raise InvalidArgument(f"method: unknown method {method!r}", field="method")
