@@ -26,6 +26,7 @@ from xaid_server.oip.reflection import reflection_pool
 from xaid_server.probe import Prober
 from xaid_server.repository import ModelRepository
 from xaid_server.runtime.arena import cap_cpu_arena
+from xaid_server.runtime.blas import single_threaded_blas
 from xaid_server.runtime.model import LoadedModel, SessionFactory
 from xaid_server.runtime.providers import probe_providers
 from xaid_server.servicer import ExplainerServicer
@@ -70,6 +71,7 @@ class XaidServer:
         providers = probe_providers(s.require_gpu)
         if s.arena_max_bytes > 0:
             cap_cpu_arena(s.arena_max_bytes)
+        single_threaded_blas()
         factory = SessionFactory(
             tuple(providers),
             s.intra_op_threads,

@@ -13,6 +13,7 @@ import grpc
 import numpy as np
 import onnxruntime as ort
 import pytest
+import threadpoolctl
 from google.protobuf import descriptor_pool, message_factory
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
@@ -67,6 +68,13 @@ def test_health_is_serving(channel: grpc.Channel) -> None:
     for service in ("", "xaid.v1.Explainer"):
         reply = health.Check(health_pb2.HealthCheckRequest(service=service))
         assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_numpy_blas_is_single_threaded_once_serving(channel: grpc.Channel) -> None:
+    """The server runs in this process: its BLAS threads would spin beside onnxruntime's."""
+    blas = [info for info in threadpoolctl.threadpool_info() if info["user_api"] == "blas"]
+    assert blas, "numpy's BLAS was not found"
+    assert {library["num_threads"] for library in blas} == {1}
 
 
 def test_reflection_lists_the_services(channel: grpc.Channel) -> None:
