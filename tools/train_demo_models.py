@@ -62,6 +62,8 @@ BATCH = 64
 EXAMPLE_CLASSES = ("circle", "star", "cross", "heart")
 PATCH_CHANCES = (0.6, 0.3)  # of a first and a second occluding square per training image
 PATCH_SIDE = (6, 16)
+SCATTER_CHANCE = 0.3  # of hiding a random share of single pixels in a training image
+SCATTER_SHARE = (0.05, 0.95)  # the range that share is drawn from
 CORE_DEPTH = 12  # depth weights stop growing this many pixels inside the object
 OCCLUSION_WINDOW = 8
 OCCLUSION_STRIDE = 4
@@ -173,12 +175,16 @@ def core_weights(masks: npt.NDArray[np.bool_], chunk: int = 4_096) -> torch.Tens
 def occlude(
     x: torch.Tensor, weights: torch.Tensor, labels: torch.Tensor, generator: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Paste baseline-coloured (0.0) squares on part of the batch, half of them on the object.
+    """Paste baseline-coloured (0.0) squares on part of the batch, half of them on the object,
+    and hide a random share of single pixels in part of it.
 
     The target keeps only the visible share of the object's confidence (the rest is spread over
     all classes), pixels weighted by their squared depth inside the object, so the logit tracks
     how much of the object's body is seen: occlusion explanations then peak inside the object
-    rather than on an outline feature such as a corner, or on the background.
+    rather than on an outline feature such as a corner, or on the background. Scattered pixels
+    teach the same for the removal a deletion curve makes (METHODS.md, faithfulness): without
+    them, pixels removed in a random order were out of the training distribution and lowered
+    the target more than removing the object itself.
     """
     masks = weights > 0
     batch, _, height, width = x.shape
@@ -197,6 +203,10 @@ def occlude(
         box = (rows >= top) & (rows < top + side) & (cols >= left) & (cols < left + side)
         used = (torch.rand(batch, generator=generator) < chance).view(batch, 1, 1)
         covered |= box & used
+    scattered = torch.rand(batch, 1, 1, generator=generator) < SCATTER_CHANCE
+    low, high = SCATTER_SHARE
+    share = low + (high - low) * torch.rand(batch, 1, 1, generator=generator)
+    covered |= scattered & (torch.rand(batch, height, width, generator=generator) < share)
     weight = weights.float() ** 2
     visible = 1.0 - (weight * covered).sum((1, 2)) / weight.sum((1, 2)).clamp(min=1)
     classes = len(shapes.CLASSES)
