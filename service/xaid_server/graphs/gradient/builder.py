@@ -13,6 +13,7 @@ from xaid_server.errors import FailedPrecondition, InvalidArgument
 from xaid_server.graphs.compose import subgraph_inputs
 from xaid_server.graphs.gradient import rules, spatial
 from xaid_server.graphs.gradient.emit import FLOAT_TYPES, PREFIX, Context, Emitter, Rule
+from xaid_server.graphs.gradient.peephole import optimise
 from xaid_server.graphs.gradient.shapes import Tensors, probe
 from xaid_server.graphs.opsets import default_opset, with_min_opset
 
@@ -129,6 +130,7 @@ def build_gradient_graph(
     if wrt not in {i.name for i in inputs}:
         emit.op("Identity", [wrt], out=WRT_VALUE)
         graph.output.append(_value_info(WRT_VALUE, wrt, graph, tensors, batch))
+    optimise(emit, graph.node, {GRADIENT, WRT_VALUE})
     graph.node.extend(emit.nodes)
     graph.initializer.extend(emit.initializers)
     _validate(model, ir_version)
