@@ -25,7 +25,7 @@ from xaid_server.explainers.integrated_gradients import (
 from xaid_server.explainers.saliency import SaliencyExplainer
 from xaid_server.explainers.smoothgrad import SmoothGradExplainer, noisy_copies
 from xaid_server.model_config import ModelConfig, load_config
-from xaid_server.runtime.model import LoadedModel
+from xaid_server.runtime.model import LoadedModel, SessionFactory, load_model
 from xaid_server.runtime.runner import Job
 
 SALIENCY = SaliencyExplainer()
@@ -344,3 +344,26 @@ def test_grad_cam_on_the_shapes_model(tmp_path: Path) -> None:
     with pytest.raises(InvalidArgument) as info:
         GRAD_CAM.resolve(model, x.shape, {"layer": "nope"})
     assert info.value.field == "grad_cam.layer"
+
+
+@pytest.mark.parametrize(("threads", "lanes"), [(1, 0), (2, 2), (3, 3)])
+def test_integrated_gradients_on_cpu_lanes_equal_one_session(
+    tmp_path: Path, threads: int, lanes: int
+) -> None:
+    """With several cores the default gradient graph gets a single-threaded twin whose runs go
+    side by side (runner.Lanes); the attributions are those of the session on every core."""
+    folder = DEMO / "models" / "shapes"
+    path = tmp_path / "shapes" / "1" / "model.onnx"
+    path.parent.mkdir(parents=True)
+    path.write_bytes((folder / "1" / "model.onnx").read_bytes())
+    factory = SessionFactory(("CPUExecutionProvider",), intra_op_threads=threads)
+    model = load_model("shapes", "1", path, load_config(folder / "config.yaml"), factory)
+    IG.prepare(model)
+    assert [lane.count for lane in model.lanes.values()] == ([lanes] if lanes else [])
+    x = shapes_inputs(model)
+    side_by_side, _ = explain(IG, model, x, {"n_steps": 20})
+    model.lanes.clear()
+    one_session, _ = explain(IG, model, x, {"n_steps": 20})
+    np.testing.assert_allclose(
+        side_by_side.attribution, one_session.attribution, rtol=1e-5, atol=1e-7
+    )

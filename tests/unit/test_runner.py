@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -14,7 +15,7 @@ from onnx import TensorProto, helper
 from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument as OrtInvalidArgument
 
 from xaid_server.errors import Cancelled, DeadlineExceeded
-from xaid_server.runtime.runner import BatchRunner, Job
+from xaid_server.runtime.runner import BatchRunner, Job, Lanes
 
 FEATURES = 4
 ROW_BYTES = FEATURES * 4  # one float32 row of x
@@ -331,3 +332,74 @@ def test_a_failing_run_is_raised_and_counts_nothing(plain: ort.InferenceSession)
         BatchRunner().run(plain, {"x": bad}, job)
     assert job.evaluations == 0
     assert not job._in_flight
+
+
+class MeetingSession(CountingSession):
+    """The first run of each thread waits until `parties` threads are inside `run` at once (or
+    times out): lanes that did not run side by side break the barrier."""
+
+    def __init__(self, session: ort.InferenceSession, parties: int) -> None:
+        super().__init__(session)
+        self.barrier = threading.Barrier(parties, timeout=10)
+        self.threads: set[int] = set()
+
+    def run(
+        self, names: Sequence[str] | None, feeds: Mapping[str, np.ndarray], options: Any = None
+    ) -> Any:
+        if threading.get_ident() not in self.threads:
+            self.threads.add(threading.get_ident())
+            self.barrier.wait()
+        return super().run(names, feeds, options)
+
+
+def test_lanes_run_parts_side_by_side_in_order(plain: ort.InferenceSession) -> None:
+    lane = MeetingSession(plain, parties=2)
+    main = CountingSession(plain)
+    job, done, totals = _recording_job(total=9)
+    x = _x(9)
+    results = BatchRunner().run(main, {"x": x}, job, max_batch=64, lanes=Lanes(lane, 2, 2))
+    np.testing.assert_array_equal(results[0], x * 2)  # rows 0-3 and 4-8, back in order
+    np.testing.assert_array_equal(results[1], (x * 2).sum(axis=1))
+    assert main.feeds == []
+    assert sorted(len(f["x"]) for f in lane.feeds) == [1, 2, 2, 2, 2]  # 4 rows and 5, by 2
+    assert len(lane.threads) == 2
+    assert job.evaluations == 9
+    assert done == sorted(done)
+    assert done[-1] == 9
+    assert set(totals) == {9}
+
+
+def test_lanes_count_their_wall_time_once(plain: ort.InferenceSession) -> None:
+    job = Job()
+    began = time.perf_counter()
+    BatchRunner().run(plain, {"x": _x(8)}, job, lanes=Lanes(MeetingSession(plain, 2), 2, 1))
+    assert 0.0 < job.compute_seconds <= time.perf_counter() - began
+
+
+def test_one_row_stays_on_the_session_using_every_core(plain: ort.InferenceSession) -> None:
+    lane, main = CountingSession(plain), CountingSession(plain)
+    BatchRunner().run(main, {"x": _x(1)}, Job(), lanes=Lanes(lane, 2, 1))
+    assert len(main.feeds) == 1
+    assert lane.feeds == []
+
+
+def test_a_failing_lane_is_raised_after_the_others_end(plain: ort.InferenceSession) -> None:
+    job = Job()
+    bad = np.zeros((4, FEATURES + 1), dtype=np.float32)
+    with pytest.raises(OrtInvalidArgument, match="invalid dimensions"):
+        BatchRunner().run(plain, {"x": bad}, job, lanes=Lanes(plain, 2, 2))
+    assert not job._in_flight
+
+
+def test_cancelling_stops_every_lane(plain: ort.InferenceSession) -> None:
+    lane = MeetingSession(plain, parties=2)
+    job = Job()
+
+    def progress(d: int, t: int) -> None:
+        job.cancel()
+
+    job.progress = progress
+    with pytest.raises(Cancelled):
+        BatchRunner().run(plain, {"x": _x(12)}, job, lanes=Lanes(lane, 2, 2))
+    assert len(lane.feeds) == 2  # the first chunk of each lane, then nothing
+    assert job.evaluations in (2, 4)  # the other lane's chunk may be stopped in flight

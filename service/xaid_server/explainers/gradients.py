@@ -24,6 +24,7 @@ from xaid_server.graphs.embedding import build_embedding_gradient_graph
 from xaid_server.graphs.gradient import GRADIENT, TARGET
 from xaid_server.graphs.gradient.store import SHIPPED, gradient_graph
 from xaid_server.runtime.model import LoadedModel, example_input
+from xaid_server.runtime.runner import Lanes
 from xaid_server.runtime.tuning import fastest_chunk
 
 log = logging.getLogger(__name__)
@@ -71,7 +72,9 @@ def gradient_session(
         )
         return graph.data, graph.source
 
-    return model.graph_session(gradient_key(output, relu, wrt), produce, model.config.precision)
+    return model.graph_session(
+        gradient_key(output, relu, wrt), produce, model.config.precision, lanes=default
+    )
 
 
 def gradient_key(output: str, relu: str, wrt: str) -> str:
@@ -109,6 +112,7 @@ def run_gradients(
         ctx.job,
         outputs=[output, GRADIENT, *extra],
         max_batch=model.chunks.get(key, model.config.max_batch_size),
+        lanes=model.lanes.get(key),
     )
     scores = results[0].astype(np.float64).reshape(len(rows), -1)
     score = scores[np.arange(len(rows)), batched[TARGET]]
@@ -137,7 +141,8 @@ class GradientExplainer(Explainer[P]):
 
 
 def tune_chunk(model: LoadedModel, session: ort.InferenceSession) -> None:
-    """Measure the default gradient graph's fastest chunk once per model version.
+    """Measure the default gradient graph's fastest chunk once per model version, and that of
+    its single-threaded lane session where there is one (runner.Lanes).
 
     Integrated gradients and SmoothGrad run many points per row in chunks of this size."""
     key = gradient_key(output_name(model), "standard", model.input.name)
@@ -156,14 +161,18 @@ def tune_chunk(model: LoadedModel, session: ort.InferenceSession) -> None:
     if measured is None:
         log.info("%s %s: the gradient graph could not be timed", model.name, model.version)
         return
-    size, seconds = measured
-    model.chunks[key] = size
+    model.chunks[key] = measured[0]
+    lane_session = model.lane_session(key)
+    lane = None if lane_session is None else fastest_chunk(lane_session, feeds, measured[0])
+    if lane_session is not None and lane is not None:
+        model.lanes[key] = Lanes(lane_session, model.factory.lane_count, lane[0])
     log.info(
-        "%s %s: gradient chunks of %d rows (%.2f ms per row)",
+        "%s %s: gradient chunks of %d rows (%.2f ms per row)%s",
         model.name,
         model.version,
-        size,
-        seconds * 1e3,
+        measured[0],
+        measured[1] * 1e3,
+        "" if lane is None else f"; {lane[0]} rows on each of {model.factory.lane_count} lanes",
     )
 
 

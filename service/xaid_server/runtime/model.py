@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -16,7 +17,8 @@ import onnxruntime as ort
 from xaid._codec import dtype_of
 from xaid_server.errors import FailedPrecondition, ModelLoadError
 from xaid_server.model_config import ImageConfig, ModelConfig
-from xaid_server.runtime.providers import CUDA
+from xaid_server.runtime.providers import CPU, CUDA
+from xaid_server.runtime.runner import Lanes
 from xaid_server.runtime.tensors import TensorSpec, spec_of
 
 log = logging.getLogger(__name__)
@@ -33,16 +35,31 @@ class SessionFactory:
     gradient_cache: Path | None = None  # where built gradient graphs are kept; None: nowhere
     env_allocators: bool = False  # share the process-wide CPU arena (capped by arena_max_bytes)
 
+    @property
+    def lane_count(self) -> int:
+        """Runs a graph may take side by side (runner.Lanes): one per core the server may use,
+        on the CPU provider only; 0 where that is one core or an accelerator runs the graphs."""
+        if self.providers[0] != CPU:
+            return 0
+        cores = self.intra_op_threads or len(os.sched_getaffinity(0))
+        return cores if cores > 1 else 0
+
     def create(
-        self, model: bytes, precision: str = "", *, folder: Path | None = None
+        self,
+        model: bytes,
+        precision: str = "",
+        *,
+        folder: Path | None = None,
+        single_threaded: bool = False,
     ) -> ort.InferenceSession:
         """A session; `precision` (strict or tf32) sets TF32 on CUDA and does nothing on the CPU.
 
         `folder` is where the model's external data lies (checked by `model_files`); without
-        it onnxruntime would look relative to the working directory.
+        it onnxruntime would look relative to the working directory. `single_threaded` runs
+        each operator on the calling thread (a lane's session).
         """
         options = ort.SessionOptions()
-        options.intra_op_num_threads = self.intra_op_threads
+        options.intra_op_num_threads = 1 if single_threaded else self.intra_op_threads
         options.log_severity_level = 3
         if folder is not None:
             options.add_session_config_entry(
@@ -78,6 +95,8 @@ class LoadedModel:
     _graph_errors: dict[str, str] = field(default_factory=dict)
     graph_sources: dict[str, str] = field(default_factory=dict)  # key -> shipped, cache, built
     chunks: dict[str, int] = field(default_factory=dict)  # key -> measured fastest chunk size
+    lanes: dict[str, Lanes] = field(default_factory=dict)  # key -> measured side-by-side runs
+    _lane_sessions: dict[str, ort.InferenceSession] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
@@ -111,10 +130,19 @@ class LoadedModel:
         return self.graph_session(key, produce)
 
     def graph_session(
-        self, key: str, produce: Callable[[], tuple[bytes, str]], precision: str = ""
+        self,
+        key: str,
+        produce: Callable[[], tuple[bytes, str]],
+        precision: str = "",
+        *,
+        lanes: bool = False,
     ) -> ort.InferenceSession:
         """A session for the graph `produce` returns with its source, made once per `key`; a
-        FailedPrecondition is remembered, so a graph that cannot be built is tried once."""
+        FailedPrecondition is remembered, so a graph that cannot be built is tried once.
+
+        With `lanes`, where the factory allows side-by-side runs and the arena is not capped
+        (a second session holds its own copy of the weights), a single-threaded session of the
+        same graph is made too: `lane_session(key)`."""
         with self._lock:
             if key in self._graphs:
                 return self._graphs[key]
@@ -131,9 +159,16 @@ class LoadedModel:
             except FailedPrecondition as exc:
                 self._graph_errors[key] = exc.message
                 raise
+            if lanes and self.factory.lane_count and not self.factory.env_allocators:
+                self._lane_sessions[key] = self.factory.create(
+                    graph, precision, single_threaded=True
+                )
             self._graphs[key] = session
             self.graph_sources[key] = source
             return session
+
+    def lane_session(self, key: str) -> ort.InferenceSession | None:
+        return self._lane_sessions.get(key)
 
 
 def load_model(

@@ -9,7 +9,7 @@
   BatchNorm. The products are rounded once in the kernel instead of once per element, a change
   within float32 rounding.
 
-On the benchmarks' small ResNet these take about a fifth off the gradient graph's CPU time.
+On the benchmarks' small ResNet these take about 4% off the gradient graph's CPU time at batch 32.
 """
 
 from __future__ import annotations
