@@ -109,14 +109,28 @@ class Lanes:
     chunk: int  # rows per run, measured for this session
 
 
+_lanes: ThreadPoolExecutor | None = None
+_lane_threads = 0
+_lanes_lock = threading.Lock()
+
+
+def _lane_pool(count: int) -> ThreadPoolExecutor:
+    """The lanes' threads, one process-wide pool: at most `count` runs side by side in all."""
+    global _lanes, _lane_threads
+    with _lanes_lock:
+        if _lanes is None or _lane_threads < count:
+            if _lanes is not None:
+                _lanes.shutdown(wait=False)
+            _lanes = ThreadPoolExecutor(count, thread_name_prefix="xaid-lane")
+            _lane_threads = count
+        return _lanes
+
+
 class BatchRunner:
     """Runs N evaluations of a session in chunks, concatenating each output along axis 0."""
 
     def __init__(self, max_chunk_bytes: int = 256 << 20) -> None:
         self.max_chunk_bytes = max_chunk_bytes
-        self._lanes: ThreadPoolExecutor | None = None
-        self._lane_threads = 0
-        self._lock = threading.Lock()
 
     def chunk_size(self, max_batch: int, item_bytes: int) -> int:
         """Largest chunk within the model's max batch and the memory budget (at least one)."""
@@ -171,7 +185,7 @@ class BatchRunner:
         """Each lane evaluates one contiguous part; the first failure is raised after all end."""
         n = len(next(iter(batched.values())))
         bounds = np.linspace(0, n, min(lanes.count, n) + 1).round().astype(int)
-        pool = self._pool(lanes.count)
+        pool = _lane_pool(lanes.count)
         began = time.perf_counter()
         futures = [
             pool.submit(
@@ -191,16 +205,6 @@ class BatchRunner:
         job._spent(time.perf_counter() - began)
         results = [future.result() for future in futures]
         return [[piece for part in results for piece in part[i]] for i in range(len(names))]
-
-    def _pool(self, count: int) -> ThreadPoolExecutor:
-        """The lanes' threads, shared by all requests: at most `count` runs side by side."""
-        with self._lock:
-            if self._lanes is None or self._lane_threads < count:
-                if self._lanes is not None:
-                    self._lanes.shutdown(wait=False)
-                self._lanes = ThreadPoolExecutor(count, thread_name_prefix="xaid-lane")
-                self._lane_threads = count
-            return self._lanes
 
     def _chunks(
         self,
