@@ -21,7 +21,7 @@ from xaid_server.model_config import load_config
 from xaid_server.settings import DEMO_MODELS
 
 EXAMPLES = DEMO_MODELS.parent / "examples"
-SAMPLES = 500  # per image, for xaid and for the `lime` package alike
+SAMPLES = 1000  # per image, for xaid and for the `lime` package alike (its default)
 
 
 @pytest.fixture(scope="module")
@@ -241,7 +241,7 @@ def test_agrees_with_the_lime_package(client: xaid.Client) -> None:
             "shapes", png.getvalue(), "lime", seed=index, n_samples=SAMPLES
         ).segments[0]
         target = int(np.argmax(logits(picture[None] / 255.0)[0]))
-        theirs = lime_image.LimeImageExplainer().explain_instance(
+        theirs = lime_image.LimeImageExplainer(random_state=index).explain_instance(
             picture / 255.0,
             logits,
             labels=(target,),
