@@ -115,6 +115,14 @@ class Metrics:
             buckets=LOAD_BUCKETS,
             registry=r,
         )
+        self.audit_records = Counter(
+            "xaid_audit_records", "Audit records made durable.", registry=r
+        )
+        self.audit_write_failures = Counter(
+            "xaid_audit_write_failures",
+            "Audit records that could not be written (fail-closed: the caller got UNAVAILABLE).",
+            registry=r,
+        )
         self.build_info = Gauge(
             "xaid_build_info",
             "Versions of xaid and of the libraries that decide its numbers (value 1).",

@@ -15,6 +15,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from xaid_server.audit.log import AuditLog
+from xaid_server.audit.records import model_event
 from xaid_server.errors import ModelLoadError, NotFound, XaidError
 from xaid_server.metrics import Metrics
 from xaid_server.model_config import load_config
@@ -71,12 +73,14 @@ class ModelRepository:
         metrics: Metrics,
         prepare: Callable[[LoadedModel], None] = lambda model: None,
         prober: Prober | None = None,
+        audit: AuditLog | None = None,
     ) -> None:
         self.root = root
         self.factory = factory
         self.metrics = metrics
         self.prepare = prepare
         self.prober = prober
+        self.audit = audit
         self._served: dict[str, tuple[Fingerprint, LoadedModel]] = {}
         self._failed: dict[str, Fingerprint] = {}
         self._scan_lock = threading.Lock()
@@ -161,15 +165,7 @@ class ModelRepository:
         try:
             if isinstance(data, ModelLoadError):
                 raise data
-            model = load_model(
-                candidate.name,
-                candidate.version,
-                candidate.model_path,
-                load_config(candidate.config_path),
-                self.factory,
-                data,
-            )
-            self.prepare(model)
+            model = self._load(candidate, data)
         except Exception as exc:  # whatever a crafted file provokes, only this model fails
             if not isinstance(exc, ModelLoadError | XaidError):
                 exc = ModelLoadError(f"{type(exc).__name__} while preparing the model")
@@ -183,6 +179,7 @@ class ModelRepository:
                 exc,
                 kept,
             )
+            self._audit("model_load", candidate.name, candidate.version, None, str(exc))
             return
         finally:
             elapsed = time.perf_counter() - began
@@ -190,11 +187,41 @@ class ModelRepository:
         self._failed.pop(candidate.name, None)
         self._publish(model, fingerprint)
 
+    def load(self, name: str, version: str) -> LoadedModel:
+        """Load and serve exactly this version, newest or not: replaying an audit record."""
+        if not MODEL_NAME.match(name) or not version.isdigit():
+            raise ModelLoadError(f"no model version {name!r}/{version!r} in this repository")
+        folder = self.root / name
+        candidate = Candidate(name, version, folder / version / MODEL_FILE, folder / CONFIG_FILE)
+        model = self._load(candidate, read_model_file(candidate.model_path, self.root))
+        self._publish(model, candidate.fingerprint())
+        return model
+
+    def _load(self, candidate: Candidate, data: bytes) -> LoadedModel:
+        model = load_model(
+            candidate.name,
+            candidate.version,
+            candidate.model_path,
+            load_config(candidate.config_path),
+            self.factory,
+            data,
+        )
+        self.prepare(model)
+        return model
+
+    def _audit(
+        self, kind: str, name: str, version: str, model: LoadedModel | None, error: str = ""
+    ) -> None:
+        if self.audit is not None:
+            self.audit.append(model_event(kind, name, version, model, error))
+
     def _publish(self, model: LoadedModel, fingerprint: Fingerprint) -> None:
         previous = self._served.get(model.name)
         self._served[model.name] = (fingerprint, model)
+        self._audit("model_load", model.name, model.version, model)
         if previous is not None:
             self._drop_info(previous[1])  # before the new series: both may share labels
+            self._audit("model_unload", model.name, previous[1].version, previous[1])
         self.metrics.model_load.labels(model.name, "success").inc()
         self.metrics.model_ready.labels(model.name).set(1)
         self.metrics.model_info.labels(
@@ -211,6 +238,7 @@ class ModelRepository:
     def _unpublish(self, name: str) -> None:
         _, model = self._served.pop(name)
         self._drop_info(model)
+        self._audit("model_unload", name, model.version, model)
         self.metrics.model_ready.labels(name).set(0)
 
     def _drop_info(self, model: LoadedModel) -> None:

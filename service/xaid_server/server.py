@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -16,6 +17,7 @@ from grpc_reflection.v1alpha import reflection
 
 from xaid.v1 import xaid_pb2, xaid_pb2_grpc
 from xaid_server.admission import AdmissionInterceptor
+from xaid_server.audit.log import AuditLog
 from xaid_server.auth import AuthInterceptor, load_tokens
 from xaid_server.core.service import Core
 from xaid_server.explainers import EXPLAINERS
@@ -61,6 +63,7 @@ class XaidServer:
         self._health_grpc: grpc.aio.Server | None = None  # plaintext health for probes
         self._poller: asyncio.Task[None] | None = None
         self.repository: ModelRepository | None = None
+        self.audit: AuditLog | None = None
         self.serving = False  # what the Open Inference Protocol's ServerReady answers
 
     async def start(self) -> None:
@@ -83,10 +86,12 @@ class XaidServer:
             if s.probe_timeout > 0
             else None
         )
+        if s.audit_log:
+            self.audit = AuditLog(Path(s.audit_log), self.metrics, s.audit_fail_closed)
         self.repository = ModelRepository(
-            s.models, factory, self.metrics, prepare_explainers, prober
+            s.models, factory, self.metrics, prepare_explainers, prober, self.audit
         )
-        core = Core(s, self.repository, self.metrics, self.executor)
+        core = Core(s, self.repository, self.metrics, self.executor, self.audit)
         limits = {"predict": s.predict_limit, "explain": s.explain_limit}
         server = grpc.aio.server(
             interceptors=[
@@ -167,6 +172,8 @@ class XaidServer:
             await self._grpc.stop(self.settings.grace_period if grace is None else grace)
         if self._health_grpc is not None:  # probes read NOT_SERVING until the drain ends
             await self._health_grpc.stop(0)
+        if self.audit is not None:  # every answered request's record reaches the disk
+            await asyncio.to_thread(self.audit.close)
         self.executor.shutdown(wait=False, cancel_futures=True)
         self.metrics.stop()
 

@@ -81,6 +81,12 @@ class Settings:
     gradient_cache: Path = _setting(
         Path("~/.cache/xaid/gradients"), "Folder keeping built gradient graphs by model sha256."
     )
+    audit_log: str = _setting(
+        "", "SQLite file of the audit trail (Predict, Explain and model loads); empty = off."
+    )
+    audit_fail_closed: bool = _setting(
+        False, "Answer only once the request's audit record is durable; else UNAVAILABLE."
+    )
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(Settings)}

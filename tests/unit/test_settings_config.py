@@ -119,11 +119,13 @@ def test_every_setting_has_a_flag_and_a_variable() -> None:
         "auth_token_file": ("/tokens", "/tokens"),
         "auth_token_env": ("TOKENS", "TOKENS"),
         "health_port": ("0", 0),
+        "audit_log": ("/audit.db", "/audit.db"),
+        "audit_fail_closed": ("yes", True),
     }
     assert set(values) == {f.name for f in dataclasses.fields(Settings)}
     for name, (raw, expected) in values.items():
         assert getattr(load_settings([], {f"XAID_{name.upper()}": raw}), name) == expected
-        if name != "require_gpu":
+        if not isinstance(expected, bool):  # boolean flags take no value
             flag = "--" + name.replace("_", "-")
             assert getattr(load_settings([flag, raw], {}), name) == expected
 

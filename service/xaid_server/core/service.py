@@ -6,12 +6,14 @@ import asyncio
 import logging
 import secrets
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import numpy as np
 
+from xaid_server.audit.log import AuditLog
+from xaid_server.audit.records import Record, Trail
 from xaid_server.core import faithfulness
 from xaid_server.core.faithfulness import Faithfulness
 from xaid_server.core.inputs import ModelInput, model_input
@@ -49,11 +51,13 @@ class Core:
         repository: ModelRepository,
         metrics: Metrics,
         executor: ThreadPoolExecutor,
+        audit: AuditLog | None = None,
     ) -> None:
         self.settings = settings
         self.repository = repository
         self.metrics = metrics
         self.executor = executor
+        self.audit = audit
         self.runner = BatchRunner(settings.max_chunk_bytes)
         self.batchers = Batchers(
             executor,
@@ -107,14 +111,52 @@ class Core:
             timer.cancel()
             self.metrics.inflight.labels(kind).dec()
 
+    # ---- Audit ----
+
+    def _trail(self, kind: str, model: str, version: str, image: bytes, text: list[str]) -> Trail:
+        s = self.settings
+        return Trail(
+            kind,
+            model,
+            version,
+            image=image,
+            text=text,
+            settings={
+                "max_chunk_bytes": s.max_chunk_bytes,
+                "max_evaluations": s.max_evaluations,
+                "intra_op_threads": s.intra_op_threads,
+            },
+        )
+
+    async def _audited(self, trail: Trail, work: Awaitable[T], done: Callable[[T], Record]) -> T:
+        """Run `work` and record how it ended; fail-closed, answer once the record is durable."""
+        audit = self.audit
+        if audit is None:
+            return await work
+        trail.begin()
+        try:
+            result = await work
+        except asyncio.CancelledError as exc:
+            audit.append(trail.failed(exc))  # nobody waits for a cancelled call
+            raise
+        except BaseException as exc:
+            await audit.record(await asyncio.to_thread(trail.failed, exc))
+            raise
+        await audit.record(await asyncio.to_thread(done, result))
+        return result
+
     # ---- Predict ----
 
     async def predict(self, call: PredictCall) -> PredictResult:
-        model = self.repository.get(call.model, call.version)
+        trail = self._trail("predict", call.model, call.version, call.image, call.text)
+        return await self._audited(trail, self._predict(call, trail), trail.predicted)
+
+    async def _predict(self, call: PredictCall, trail: Trail) -> PredictResult:
+        model = trail.model = self.repository.get(call.model, call.version)
         if not 0 <= call.top_k <= MAX_TOP_K:
             raise InvalidArgument(f"top_k: must be in [0, {MAX_TOP_K}]", field="top_k")
         began = time.perf_counter()
-        given = model_input(model, call.inputs, call.image, call.text)
+        given = trail.given = model_input(model, call.inputs, call.image, call.text)
         self.metrics.inference_duration.labels(model.name, "preprocess").observe(
             time.perf_counter() - began
         )
@@ -182,16 +224,21 @@ class Core:
         return explainer
 
     async def explain(self, call: ExplainCall) -> ExplainResult:
+        trail = self._trail("explain", call.model, call.version, call.image, call.text)
+        trail.method, trail.parameters, trail.seed = call.method, call.parameters, call.seed
+        return await self._audited(trail, self._explain(call, trail), trail.explained)
+
+    async def _explain(self, call: ExplainCall, trail: Trail) -> ExplainResult:
         began = time.perf_counter()
-        model = self.repository.get(call.model, call.version)
+        model = trail.model = self.repository.get(call.model, call.version)
         explainer = self.explainer(call.method)
         reason = explainer.applicable(model)
         if reason is not None:
             raise FailedPrecondition(f"{call.method} cannot explain model {model.name!r}: {reason}")
         if call.evaluate and (why := faithfulness.unavailable(model)) is not None:
             raise FailedPrecondition(f"evaluate: {why}", field="evaluate")
-        given = model_input(model, call.inputs, call.image, call.text)
-        input_name = call.input or model.config.input
+        given = trail.given = model_input(model, call.inputs, call.image, call.text)
+        input_name = trail.input_name = call.input or model.config.input
         if input_name not in given.feeds:
             raise InvalidArgument(
                 f"input: {input_name!r} is not an input of {model.name!r}", field="input"
@@ -206,7 +253,9 @@ class Core:
         steps = faithfulness.steps_of(model) if call.evaluate else 0
         scoring = faithfulness.cost(steps, given.rows) if call.evaluate else 0
         limits = Limits(self.settings.max_evaluations, reserved=given.rows + scoring)
-        params = explainer.resolve_within(model, tuple(x.shape), call.parameters, limits)
+        params = trail.parameters = explainer.resolve_within(
+            model, tuple(x.shape), call.parameters, limits
+        )
         cost = given.rows + explainer.cost(params, tuple(x.shape), model) + scoring
         if cost > self.settings.max_evaluations:
             raise InvalidArgument(
@@ -214,7 +263,7 @@ class Core:
                 f"of {self.settings.max_evaluations}",
                 field=call.method,
             )
-        seed = call.seed if call.seed is not None else secrets.randbits(63)
+        seed = trail.seed = call.seed if call.seed is not None else secrets.randbits(63)
         job = Job(deadline=self._deadline(call.timeout), progress=call.progress, total=cost)
 
         def work() -> tuple[
