@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import threading
+from typing import Any
+
 import numpy as np
 import onnxruntime as ort
 from onnx import TensorProto, helper
@@ -53,3 +56,23 @@ def test_a_size_that_fails_ends_the_search() -> None:
     assert measured is not None
     assert measured[0] <= 2
     assert fastest_chunk(_relu_session(), lambda size: {"x": np.ones((size, 7))}, 64) is None
+
+
+class ThreadRecorder:
+    """A session that notes the thread of every run."""
+
+    def __init__(self, session: ort.InferenceSession) -> None:
+        self.session = session
+        self.threads: list[int] = []
+
+    def run(self, names: Any, feeds: Any) -> Any:
+        self.threads.append(threading.get_ident())
+        return self.session.run(names, feeds)
+
+
+def test_side_by_side_runs_go_on_the_lane_threads() -> None:
+    session = ThreadRecorder(_relu_session())
+    measured = fastest_chunk(session, _feeds, 1, budget_s=10.0, side_by_side=2)
+    assert measured is not None
+    assert len(session.threads) == 2 * 3  # the untimed run and two timed, each twice at once
+    assert threading.get_ident() not in session.threads

@@ -163,16 +163,21 @@ def tune_chunk(model: LoadedModel, session: ort.InferenceSession) -> None:
         return
     model.chunks[key] = measured[0]
     lane_session = model.lane_session(key)
-    lane = None if lane_session is None else fastest_chunk(lane_session, feeds, measured[0])
+    count = model.factory.lane_count
+    lane = (
+        None
+        if lane_session is None
+        else fastest_chunk(lane_session, feeds, measured[0], side_by_side=count)
+    )
     if lane_session is not None and lane is not None:
-        model.lanes[key] = Lanes(lane_session, model.factory.lane_count, lane[0])
+        model.lanes[key] = Lanes(lane_session, count, lane[0])
     log.info(
         "%s %s: gradient chunks of %d rows (%.2f ms per row)%s",
         model.name,
         model.version,
         measured[0],
         measured[1] * 1e3,
-        "" if lane is None else f"; {lane[0]} rows on each of {model.factory.lane_count} lanes",
+        "" if lane is None else f"; {lane[0]} rows on each of {count} lanes",
     )
 
 

@@ -126,6 +126,18 @@ def _lane_pool(count: int) -> ThreadPoolExecutor:
         return _lanes
 
 
+def run_together(
+    session: ort.InferenceSession, feeds: Mapping[str, np.ndarray], count: int = 1
+) -> None:
+    """`count` runs of the same feeds at once on the lanes' threads (one: on this thread)."""
+    if count == 1:
+        session.run(None, feeds)
+        return
+    pool = _lane_pool(count)
+    for future in [pool.submit(session.run, None, feeds) for _ in range(count)]:
+        future.result()
+
+
 class BatchRunner:
     """Runs N evaluations of a session in chunks, concatenating each output along axis 0."""
 
