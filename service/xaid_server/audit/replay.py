@@ -23,7 +23,6 @@ from xaid_server.core.service import Core
 from xaid_server.errors import ModelLoadError, XaidError
 from xaid_server.metrics import Metrics
 from xaid_server.repository import ModelRepository
-from xaid_server.runtime.blas import single_threaded_blas
 from xaid_server.runtime.model import LoadedModel, SessionFactory
 from xaid_server.runtime.runner import Lanes
 from xaid_server.server import prepare_explainers
@@ -96,9 +95,7 @@ def _run_as_recorded(
 async def replay(
     log: Path, seq: int, input_path: Path, models: Path, gradient_cache: Path | None = None
 ) -> Replayed:
-    """Re-run record `seq` of `log` with the model of the repository `models`, with numpy's
-    BLAS on one thread as the server runs it (threads could split its sums differently)."""
-    single_threaded_blas()
+    """Re-run record `seq` of `log` with the model of the repository `models`."""
     try:
         record = read_record(log, seq)
     except LookupError as exc:

@@ -1,5 +1,8 @@
 """numpy's BLAS runs on the calling thread only: onnxruntime's pools own the cores.
 
+Every process that creates xaid's sessions (`SessionFactory`: the server, an audit replay, the
+tools and benchmarks) sets this once. A replay must also sum as the server did.
+
 OpenBLAS starts a thread per core for a large enough product (an integrated-gradients sum, a
 surrogate's least squares) and those threads spin for a while after it. On a small machine they
 then take the cores from the next session run: on two cores, integrated gradients on the

@@ -17,6 +17,7 @@ import onnxruntime as ort
 from xaid._codec import dtype_of
 from xaid_server.errors import FailedPrecondition, ModelLoadError
 from xaid_server.model_config import ImageConfig, ModelConfig
+from xaid_server.runtime.blas import single_threaded_blas
 from xaid_server.runtime.providers import CPU, CUDA
 from xaid_server.runtime.runner import Lanes
 from xaid_server.runtime.tensors import TensorSpec, spec_of
@@ -34,6 +35,9 @@ class SessionFactory:
     intra_op_threads: int = 0
     gradient_cache: Path | None = None  # where built gradient graphs are kept; None: nowhere
     env_allocators: bool = False  # share the process-wide CPU arena (capped by arena_max_bytes)
+
+    def __post_init__(self) -> None:
+        single_threaded_blas()  # the process runs xaid's sessions: they own its cores
 
     @property
     def lane_count(self) -> int:
