@@ -7,7 +7,7 @@ differ in how they call the stub; every `grpc.RpcError` leaves as an `xaid.error
 from __future__ import annotations
 
 import inspect
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from types import TracebackType
 from typing import Any, Self, TypeVar
 
@@ -24,6 +24,8 @@ from xaid.v1 import xaid_pb2, xaid_pb2_grpc
 DEFAULT_TARGET = "127.0.0.1:50051"
 #: Attributions and heatmaps of large batches easily pass grpc's 4 MiB default.
 DEFAULT_MAX_MESSAGE_LENGTH = 64 * 1024 * 1024
+#: The trailing-metadata key of the server's id for a call (the `request_id` of its audit record).
+REQUEST_ID_METADATA = "xaid-request-id"
 
 _Response = TypeVar("_Response")
 
@@ -97,6 +99,13 @@ def _no_result() -> Internal:
     return Internal("the progress stream ended without a result")
 
 
+def _request_id(metadata: Iterable[tuple[str, str | bytes]] | None) -> str:
+    for key, value in metadata or ():
+        if key == REQUEST_ID_METADATA:
+            return value.decode() if isinstance(value, bytes) else value
+    return ""
+
+
 class Client(_BaseClient):
     """A blocking client; use it as a context manager or call `close()`.
 
@@ -160,6 +169,13 @@ class Client(_BaseClient):
             raise from_rpc_error(err) from err
         return response
 
+    def _identified(
+        self, method: grpc.UnaryUnaryMultiCallable[Any, _Response], request: Message
+    ) -> tuple[_Response, str]:
+        """The response and the server's id for the call."""
+        response, call = self._call(method.with_call, request)
+        return response, _request_id(call.trailing_metadata())
+
     def models(self) -> list[ModelInfo]:
         """Every model the server knows, with its served version."""
         response: xaid_pb2.ListModelsResponse = self._call(
@@ -178,7 +194,7 @@ class Client(_BaseClient):
     ) -> Prediction:
         """Model outputs and top classes for an array, a dict of arrays, or an image."""
         request = self._predict_request(model, x, top_k, version)
-        return Prediction.from_proto(self._call(self._stub.Predict, request))
+        return Prediction.from_proto(*self._identified(self._stub.Predict, request))
 
     def explain(
         self,
@@ -215,12 +231,12 @@ class Client(_BaseClient):
             params=params,
         )
         if progress is None:
-            return Explanation.from_proto(self._call(self._stub.Explain, request))
-        return Explanation.from_proto(self._stream(request, progress))
+            return Explanation.from_proto(*self._identified(self._stub.Explain, request))
+        return Explanation.from_proto(*self._stream(request, progress))
 
     def _stream(
         self, request: xaid_pb2.ExplainRequest, progress: Callable[[int, int], None]
-    ) -> xaid_pb2.ExplainResponse:
+    ) -> tuple[xaid_pb2.ExplainResponse, str]:
         stream = self._stub.ExplainStream(request, timeout=self.timeout, metadata=self._metadata)
         result: xaid_pb2.ExplainResponse | None = None
         try:
@@ -238,7 +254,7 @@ class Client(_BaseClient):
             raise
         if result is None:
             raise _no_result()
-        return result
+        return result, _request_id(stream.trailing_metadata())
 
 
 class AsyncClient(_BaseClient):
@@ -295,17 +311,22 @@ class AsyncClient(_BaseClient):
             await self._channel.close()
 
     async def _call(
-        self,
-        method: Callable[..., Awaitable[_Response]],
-        request: Message,
+        self, method: grpc.aio.UnaryUnaryMultiCallable[Any, _Response], request: Message
     ) -> _Response:
+        response, _ = await self._identified(method, request)
+        return response
+
+    async def _identified(
+        self, method: grpc.aio.UnaryUnaryMultiCallable[Any, _Response], request: Message
+    ) -> tuple[_Response, str]:
+        """The response and the server's id for the call."""
+        call = method(request, timeout=self.timeout, metadata=self._metadata)
         try:
-            response: _Response = await method(
-                request, timeout=self.timeout, metadata=self._metadata
-            )
+            response = await call
+            request_id = _request_id(await call.trailing_metadata())
         except grpc.RpcError as err:
             raise from_rpc_error(err) from err
-        return response
+        return response, request_id
 
     async def models(self) -> list[ModelInfo]:
         """Every model the server knows, with its served version."""
@@ -325,7 +346,7 @@ class AsyncClient(_BaseClient):
     ) -> Prediction:
         """Model outputs and top classes for an array, a dict of arrays, or an image."""
         request = self._predict_request(model, x, top_k, version)
-        return Prediction.from_proto(await self._call(self._stub.Predict, request))
+        return Prediction.from_proto(*await self._identified(self._stub.Predict, request))
 
     async def explain(
         self,
@@ -362,14 +383,14 @@ class AsyncClient(_BaseClient):
             params=params,
         )
         if progress is None:
-            return Explanation.from_proto(await self._call(self._stub.Explain, request))
-        return Explanation.from_proto(await self._stream(request, progress))
+            return Explanation.from_proto(*await self._identified(self._stub.Explain, request))
+        return Explanation.from_proto(*await self._stream(request, progress))
 
     async def _stream(
         self,
         request: xaid_pb2.ExplainRequest,
         progress: Callable[[int, int], Awaitable[None] | None],
-    ) -> xaid_pb2.ExplainResponse:
+    ) -> tuple[xaid_pb2.ExplainResponse, str]:
         call = self._stub.ExplainStream(request, timeout=self.timeout, metadata=self._metadata)
         result: xaid_pb2.ExplainResponse | None = None
         try:
@@ -389,4 +410,4 @@ class AsyncClient(_BaseClient):
             raise
         if result is None:
             raise _no_result()
-        return result
+        return result, _request_id(await call.trailing_metadata())

@@ -146,9 +146,10 @@ class Prediction:
     top: list[list[ClassScore]]
     response: xaid_pb2.PredictResponse = field(repr=False)
     tokens: list[list[str]] = field(default_factory=list)  # per row, when text was sent
+    request_id: str = ""  # the server's id of the call, as in its audit record
 
     @classmethod
-    def from_proto(cls, response: xaid_pb2.PredictResponse) -> Prediction:
+    def from_proto(cls, response: xaid_pb2.PredictResponse, request_id: str = "") -> Prediction:
         return cls(
             model=response.model,
             version=response.version,
@@ -156,6 +157,7 @@ class Prediction:
             top=_rows(list(response.top)),
             response=response,
             tokens=[list(row.tokens) for row in response.tokens],
+            request_id=request_id,
         )
 
 
@@ -266,9 +268,10 @@ class Explanation:
     aggregation: str
     response: xaid_pb2.ExplainResponse = field(repr=False)
     tokens: list[list[str]] = field(default_factory=list)  # per row, when text was sent
+    request_id: str = ""  # the server's id of the call, as in its audit record
 
     @classmethod
-    def from_proto(cls, response: xaid_pb2.ExplainResponse) -> Explanation:
+    def from_proto(cls, response: xaid_pb2.ExplainResponse, request_id: str = "") -> Explanation:
         method = response.WhichOneof("method") or ""
         parameters = _message_dict(getattr(response, method)) if method else {}
         pngs = [bytes(p) for p in response.heatmap_png]
@@ -302,4 +305,5 @@ class Explanation:
             aggregation=response.aggregation,
             response=response,
             tokens=[list(row.tokens) for row in response.tokens],
+            request_id=request_id,
         )

@@ -312,6 +312,7 @@ def _predict(client: Client, args: argparse.Namespace) -> int:
     if args.json:
         _print_json(_prediction_json(prediction))
         return 0
+    _print_request_id(prediction.request_id)
     print(f"model {prediction.model} (version {prediction.version})")
     for row, scores in enumerate(prediction.top):
         if len(prediction.top) > 1:
@@ -327,8 +328,14 @@ def _predict(client: Client, args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_request_id(request_id: str) -> None:
+    """On stderr, so the answer on stdout reads the same; it names the call's audit record."""
+    print(f"request id: {request_id}", file=sys.stderr)
+
+
 def _prediction_json(prediction: Prediction) -> dict[str, Any]:
     return {
+        "request_id": prediction.request_id,
         "model": prediction.model,
         "version": prediction.version,
         "top": [
@@ -439,6 +446,7 @@ def _explain(client: Client, args: argparse.Namespace) -> int:
     if args.json:
         _print_json(_explanation_json(explanation, written, args.save_attribution))
     else:
+        _print_request_id(explanation.request_id)
         _print_explanation(explanation, written, args.save_attribution)
     return 0
 
@@ -448,6 +456,7 @@ def _explanation_json(
 ) -> dict[str, Any]:
     faithfulness = explanation.faithfulness
     return {
+        "request_id": explanation.request_id,
         "model": explanation.model,
         "version": explanation.version,
         "method": explanation.method,

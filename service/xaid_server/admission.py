@@ -19,6 +19,7 @@ from grpc_status import rpc_status
 
 from xaid_server.interceptors import Continuation, Handler, Stream, Unary, rewrap, split_method
 from xaid_server.metrics import Metrics
+from xaid_server.requestid import with_request_id
 
 #: The method names (of every service on the server) that each limit covers.
 KINDS = {
@@ -69,7 +70,7 @@ async def refuse(gate: Gate, context: grpc.aio.ServicerContext[Any, Any]) -> NoR
         *rpc_status.to_status(status).trailing_metadata,
         ("retry-after-ms", str(max(1, round(delay * 1000)))),
     )
-    await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, message, trailing)
+    await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, message, with_request_id(trailing))
 
 
 class AdmissionInterceptor(grpc.aio.ServerInterceptor):

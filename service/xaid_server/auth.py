@@ -18,6 +18,7 @@ from typing import Any
 import grpc
 
 from xaid_server.interceptors import Continuation, Handler, Stream, Unary, rewrap, split_method
+from xaid_server.requestid import with_request_id
 from xaid_server.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -114,11 +115,11 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
 
 
 async def _refuse_unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-    await context.abort(grpc.StatusCode.UNAUTHENTICATED, REFUSED)
+    await context.abort(grpc.StatusCode.UNAUTHENTICATED, REFUSED, with_request_id())
 
 
 async def _refuse_stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-    await context.abort(grpc.StatusCode.UNAUTHENTICATED, REFUSED)
+    await context.abort(grpc.StatusCode.UNAUTHENTICATED, REFUSED, with_request_id())
     yield  # pragma: no cover - makes this an async generator, as stream handlers are
 
 

@@ -1,13 +1,15 @@
-"""gRPC interceptors: errors mapped to status codes in one place, and the grpc_server_* metrics."""
+"""gRPC interceptors: the request id, errors mapped to status codes in one place, and the
+grpc_server_* metrics."""
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import inspect
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any, NoReturn, TypeAlias, cast
 
 import grpc
@@ -17,6 +19,7 @@ from prometheus_client import Counter
 
 from xaid_server.errors import InvalidArgument, XaidError
 from xaid_server.metrics import Metrics
+from xaid_server.requestid import METADATA_KEY, REQUEST_ID, with_request_id
 
 log = logging.getLogger(__name__)
 
@@ -92,20 +95,29 @@ async def abort_with(context: grpc.aio.ServicerContext[Any, Any], exc: BaseExcep
                 field=exc.field, description=exc.message
             )
             status.details.add().Pack(error_details_pb2.BadRequest(field_violations=[violation]))
-        await context.abort(exc.code, exc.message, rpc_status.to_status(status).trailing_metadata)
-    request_id = uuid.uuid4().hex[:16]
+        await context.abort(
+            exc.code, exc.message, with_request_id(rpc_status.to_status(status).trailing_metadata)
+        )
+    request_id = REQUEST_ID.get() or uuid.uuid4().hex
     log.error("unexpected error, request id %s", request_id, exc_info=exc)
     message = f"internal error; request id {request_id}"
     status = status_pb2.Status(code=code_pb2.INTERNAL, message=message)
     await context.abort(
-        grpc.StatusCode.INTERNAL, message, rpc_status.to_status(status).trailing_metadata
+        grpc.StatusCode.INTERNAL,
+        message,
+        with_request_id(rpc_status.to_status(status).trailing_metadata),
     )
 
 
-class ErrorInterceptor(grpc.aio.ServerInterceptor):
+class WrapOnce(grpc.aio.ServerInterceptor):
+    """An interceptor that wraps each method's handler once, not on every call."""
+
     def __init__(self) -> None:
-        # method -> (registered handler, its wrapped copy): wrapped once, not on every call
+        # method -> (registered handler, its wrapped copy)
         self._wrapped: dict[str, tuple[Handler, Handler]] = {}
+
+    @abc.abstractmethod
+    def wrap(self, method: str, handler: Handler) -> Handler: ...
 
     async def intercept_service(
         self,
@@ -118,9 +130,53 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         cached = self._wrapped.get(details.method)
         if cached is not None and cached[0] is handler:
             return cached[1]
-        wrapped = rewrap(handler, self._unary, self._stream, _lenient(handler.request_deserializer))
+        wrapped = self.wrap(details.method, handler)
         self._wrapped[details.method] = (handler, wrapped)
         return wrapped
+
+
+class RequestIdInterceptor(WrapOnce):
+    """Gives every call but the exempt services' a fresh id, in `REQUEST_ID` and sent as
+    trailing metadata, so the caller has it whatever the status."""
+
+    def __init__(self, exempt: Iterable[str]) -> None:
+        super().__init__()
+        self.exempt = frozenset(exempt)
+
+    def wrap(self, method: str, handler: Handler) -> Handler:
+        if split_method(method)[0] in self.exempt:
+            return handler
+        return rewrap(handler, self._unary, self._stream)
+
+    @staticmethod
+    def _assign(context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        """The id, and trailing metadata carrying it for a call that ends well (the error
+        paths send their own, with the id: `with_request_id`)."""
+        request_id = uuid.uuid4().hex
+        REQUEST_ID.set(request_id)
+        context.set_trailing_metadata(((METADATA_KEY, request_id),))
+
+    def _unary(self, behavior: Unary) -> Unary:
+        async def run(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            self._assign(context)
+            return await behavior(request, context)
+
+        return run
+
+    def _stream(self, behavior: Stream) -> Stream:
+        async def run(
+            request: Any, context: grpc.aio.ServicerContext[Any, Any]
+        ) -> AsyncIterator[Any]:
+            self._assign(context)
+            async for item in behavior(request, context):
+                yield item
+
+        return run
+
+
+class ErrorInterceptor(WrapOnce):
+    def wrap(self, method: str, handler: Handler) -> Handler:
+        return rewrap(handler, self._unary, self._stream, _lenient(handler.request_deserializer))
 
     @staticmethod
     def _unary(behavior: Unary) -> Unary:

@@ -21,14 +21,17 @@ from xaid_server.audit.log import AuditLog
 from xaid_server.auth import AuthInterceptor, load_tokens
 from xaid_server.core.service import Core
 from xaid_server.explainers import EXPLAINERS
-from xaid_server.interceptors import ErrorInterceptor, MetricsInterceptor
+from xaid_server.interceptors import (
+    ErrorInterceptor,
+    MetricsInterceptor,
+    RequestIdInterceptor,
+)
 from xaid_server.metrics import Metrics
 from xaid_server.oip import servicer as oip
 from xaid_server.oip.reflection import reflection_pool
 from xaid_server.probe import Prober
 from xaid_server.repository import ModelRepository
 from xaid_server.runtime.arena import cap_cpu_arena
-from xaid_server.runtime.blas import single_threaded_blas
 from xaid_server.runtime.model import LoadedModel, SessionFactory
 from xaid_server.runtime.providers import probe_providers
 from xaid_server.servicer import ExplainerServicer
@@ -74,7 +77,6 @@ class XaidServer:
         providers = probe_providers(s.require_gpu)
         if s.arena_max_bytes > 0:
             cap_cpu_arena(s.arena_max_bytes)
-        single_threaded_blas()
         factory = SessionFactory(
             tuple(providers),
             s.intra_op_threads,
@@ -96,6 +98,7 @@ class XaidServer:
         server = grpc.aio.server(
             interceptors=[
                 MetricsInterceptor(self.metrics),
+                RequestIdInterceptor(exempt=(HEALTH_NAME,)),
                 AuthInterceptor(tokens),
                 AdmissionInterceptor(limits, self.metrics),
                 ErrorInterceptor(),

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,6 +16,7 @@ from xaid_server.auth import CALLER
 from xaid_server.core.inputs import ModelInput
 from xaid_server.core.requests import ExplainResult, PredictResult
 from xaid_server.errors import XaidError
+from xaid_server.requestid import REQUEST_ID
 from xaid_server.runtime.model import LoadedModel
 
 Record = dict[str, Any]  # a record's body: plain JSON values
@@ -58,8 +58,8 @@ class Trail:
     image: bytes = b""
     text: list[str] = field(default_factory=list)
     settings: dict[str, Any] = field(default_factory=dict)
-    request_id: str = ""  # set by begin(): a request that is not recorded costs nothing here
-    started: str = ""
+    request_id: str = field(default_factory=REQUEST_ID.get)  # the one the caller was sent
+    started: str = ""  # set by begin(): a request that is not recorded costs nothing here
     model: LoadedModel | None = None
     given: ModelInput | None = None
     input_name: str = ""
@@ -67,7 +67,6 @@ class Trail:
     seed: int | None = None
 
     def begin(self) -> None:
-        self.request_id = uuid.uuid4().hex
         self.started = utc_now()
 
     def body(self, status: str, message: str, outcome: dict[str, Any]) -> Record:
