@@ -7,7 +7,7 @@ differ in how they call the stub; every `grpc.RpcError` leaves as an `xaid.error
 from __future__ import annotations
 
 import inspect
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from types import TracebackType
 from typing import Any, Self, TypeVar
 
@@ -18,14 +18,12 @@ from google.protobuf.message import Message
 from xaid import _requests
 from xaid._requests import ModelInput
 from xaid._results import Explanation, ModelInfo, Prediction
-from xaid.errors import Internal, from_rpc_error
+from xaid.errors import Internal, from_rpc_error, request_id_of
 from xaid.v1 import xaid_pb2, xaid_pb2_grpc
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 #: Attributions and heatmaps of large batches easily pass grpc's 4 MiB default.
 DEFAULT_MAX_MESSAGE_LENGTH = 64 * 1024 * 1024
-#: The trailing-metadata key of the server's id for a call (the `request_id` of its audit record).
-REQUEST_ID_METADATA = "xaid-request-id"
 
 _Response = TypeVar("_Response")
 
@@ -99,13 +97,6 @@ def _no_result() -> Internal:
     return Internal("the progress stream ended without a result")
 
 
-def _request_id(metadata: Iterable[tuple[str, str | bytes]] | None) -> str:
-    for key, value in metadata or ():
-        if key == REQUEST_ID_METADATA:
-            return value.decode() if isinstance(value, bytes) else value
-    return ""
-
-
 class Client(_BaseClient):
     """A blocking client; use it as a context manager or call `close()`.
 
@@ -174,7 +165,7 @@ class Client(_BaseClient):
     ) -> tuple[_Response, str]:
         """The response and the server's id for the call."""
         response, call = self._call(method.with_call, request)
-        return response, _request_id(call.trailing_metadata())
+        return response, request_id_of(call.trailing_metadata())
 
     def models(self) -> list[ModelInfo]:
         """Every model the server knows, with its served version."""
@@ -254,7 +245,7 @@ class Client(_BaseClient):
             raise
         if result is None:
             raise _no_result()
-        return result, _request_id(stream.trailing_metadata())
+        return result, request_id_of(stream.trailing_metadata())
 
 
 class AsyncClient(_BaseClient):
@@ -323,7 +314,7 @@ class AsyncClient(_BaseClient):
         call = method(request, timeout=self.timeout, metadata=self._metadata)
         try:
             response = await call
-            request_id = _request_id(await call.trailing_metadata())
+            request_id = request_id_of(await call.trailing_metadata())
         except grpc.RpcError as err:
             raise from_rpc_error(err) from err
         return response, request_id
@@ -410,4 +401,4 @@ class AsyncClient(_BaseClient):
             raise
         if result is None:
             raise _no_result()
-        return result, _request_id(await call.trailing_metadata())
+        return result, request_id_of(await call.trailing_metadata())

@@ -569,6 +569,8 @@ def main(argv: list[str] | None = None) -> int:
             return _COMMANDS[args.command](client, args)
     except XaidError as err:
         print(f"error: {err.code.name}: {err.details}", file=sys.stderr)
+        if err.request_id:
+            _print_request_id(err.request_id)
         return 1
     except (_UsageError, ValueError) as err:
         print(f"xaid {args.command}: error: {err}", file=sys.stderr)

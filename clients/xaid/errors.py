@@ -7,6 +7,8 @@ without importing grpc. The original `grpc.RpcError` stays reachable as `__cause
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import grpc
 
 __all__ = [
@@ -26,15 +28,31 @@ __all__ = [
 ]
 
 
+#: The trailing-metadata key of the server's id for a call (the `request_id` of its audit record).
+REQUEST_ID_METADATA = "xaid-request-id"
+
+
+def request_id_of(metadata: Iterable[tuple[str, str | bytes]] | None) -> str:
+    """The server's id for a call from its trailing metadata ("" when it sent none)."""
+    for key, value in metadata or ():
+        if key == REQUEST_ID_METADATA:
+            return value.decode() if isinstance(value, bytes) else value
+    return ""
+
+
 class XaidError(Exception):
-    """A failed call: `code` is the gRPC status, `details` the server's message."""
+    """A failed call: `code` is the gRPC status, `details` the server's message, `request_id`
+    the server's id for the call (quote it to the operator: their log and audit trail have it)."""
 
     #: The status this class stands for; instances carry the one actually received.
     default_code: grpc.StatusCode = grpc.StatusCode.UNKNOWN
 
-    def __init__(self, details: str = "", code: grpc.StatusCode | None = None) -> None:
+    def __init__(
+        self, details: str = "", code: grpc.StatusCode | None = None, request_id: str = ""
+    ) -> None:
         self.code: grpc.StatusCode = code if code is not None else self.default_code
         self.details: str = details
+        self.request_id: str = request_id
         super().__init__(f"{self.code.name}: {details}" if details else self.code.name)
 
 
@@ -129,9 +147,11 @@ def from_rpc_error(err: grpc.RpcError) -> XaidError:
     """
     code_of = getattr(err, "code", None)
     details_of = getattr(err, "details", None)
+    trailing_of = getattr(err, "trailing_metadata", None)
     code = code_of() if callable(code_of) else None
     details = details_of() if callable(details_of) else None
+    request_id = request_id_of(trailing_of()) if callable(trailing_of) else ""
     if not isinstance(code, grpc.StatusCode):
         code = grpc.StatusCode.UNKNOWN
     cls = _BY_CODE.get(code, XaidError)
-    return cls(details if isinstance(details, str) else "", code)
+    return cls(details if isinstance(details, str) else "", code, request_id)

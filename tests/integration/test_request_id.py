@@ -111,6 +111,25 @@ def test_a_failed_call_carries_its_id_and_record(
     assert audited["message"] == error.details()
 
 
+def test_client_errors_carry_the_id(
+    server: RunningServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with (
+        xaid.Client(server.address, timeout=60) as client,
+        pytest.raises(xaid.errors.InvalidArgument) as failed,
+    ):
+        client.predict("tabular", ROWS[:, :7])  # 7 of the 30 features
+    assert HEX32.fullmatch(failed.value.request_id)
+    assert record(server, failed.value.request_id)["status"] == "INVALID_ARGUMENT"
+    npy = Path(server.settings.audit_log).with_name("short.npy")
+    np.save(npy, ROWS[:, :7])
+    argv = ["--server", server.address, "predict", "--model", "tabular", "--npy", str(npy)]
+    assert main(argv) == 1
+    printed = capsys.readouterr().err
+    assert "INVALID_ARGUMENT" in printed
+    assert HEX32.search(printed.split("request id:")[1])
+
+
 def test_a_failed_stream_carries_its_id(channel: grpc.Channel, server: RunningServer) -> None:
     stub = xaid_pb2_grpc.ExplainerStub(channel)
     request = xaid_pb2.ExplainRequest(
