@@ -275,7 +275,9 @@ def test_unknown_model_error_is_the_servers_message(
         client.model("no-such-model")
     argv = ["--server", server_address, "predict", "--model", "no-such-model"]
     assert main([*argv, "--npy", str(tabular_npy)]) == 1
-    assert capsys.readouterr().err == f"error: NOT_FOUND: {info.value.details}\n"
+    error, request_id = capsys.readouterr().err.splitlines()
+    assert error == f"error: NOT_FOUND: {info.value.details}"
+    assert request_id.startswith("request id: ")
 
 
 def test_unreachable_server(tabular_npy: Path, capsys: pytest.CaptureFixture[str]) -> None:
