@@ -17,7 +17,7 @@ from google.protobuf import duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from xaid_server.interceptors import Continuation, Handler, Stream, Unary, rewrap, split_method
+from xaid_server.interceptors import Handler, Stream, Unary, WrapOnce, rewrap, split_method
 from xaid_server.metrics import Metrics
 from xaid_server.requestid import with_request_id
 
@@ -73,16 +73,14 @@ async def refuse(gate: Gate, context: grpc.aio.ServicerContext[Any, Any]) -> NoR
     await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, message, with_request_id(trailing))
 
 
-class AdmissionInterceptor(grpc.aio.ServerInterceptor):
+class AdmissionInterceptor(WrapOnce):
     def __init__(self, limits: Mapping[str, int], metrics: Metrics) -> None:
+        super().__init__()
         self.gates = {kind: Gate(kind, limit, metrics) for kind, limit in limits.items()}
 
-    async def intercept_service(
-        self, continuation: Continuation, details: grpc.HandlerCallDetails
-    ) -> Handler | None:
-        handler = await continuation(details)
-        gate = self.gates.get(KINDS.get(split_method(details.method)[1], ""))
-        if handler is None or gate is None:
+    def wrap(self, method: str, handler: Handler) -> Handler:
+        gate = self.gates.get(KINDS.get(split_method(method)[1], ""))
+        if gate is None:
             return handler
         return rewrap(handler, lambda b: _unary(b, gate), lambda b: _stream(b, gate))
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import grpc
 
-from xaid_server.interceptors import Continuation, Handler, Stream, Unary, rewrap, split_method
+from xaid_server.interceptors import Handler, Stream, Unary, WrapOnce, rewrap, split_method
 from xaid_server.requestid import with_request_id
 from xaid_server.settings import Settings
 
@@ -83,10 +83,11 @@ def _certificate_name(context: grpc.aio.ServicerContext[Any, Any]) -> str:
     return bytes(names[0]).decode(errors="replace") if names else ""
 
 
-class AuthInterceptor(grpc.aio.ServerInterceptor):
+class AuthInterceptor(WrapOnce):
     """Refuses calls without a known token (if tokens are configured) and names every caller."""
 
     def __init__(self, tokens: Sequence[Token], exempt: Iterable[str] = (HEALTH_SERVICE,)) -> None:
+        super().__init__()
         self.tokens = tuple(tokens)
         self.exempt = frozenset(exempt)
 
@@ -98,43 +99,32 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
                 found = token.subject
         return found
 
-    async def intercept_service(
-        self, continuation: Continuation, details: grpc.HandlerCallDetails
-    ) -> Handler | None:
-        handler = await continuation(details)
-        service, _ = split_method(details.method)
-        if handler is None or service in self.exempt:
+    def wrap(self, method: str, handler: Handler) -> Handler:
+        """Per method once; the token is read from each call's metadata."""
+        service, _ = split_method(method)
+        if service in self.exempt:
             return handler
-        subject = self.subject(bearer(details.invocation_metadata)) if self.tokens else ""
+        return rewrap(handler, lambda b: self._unary(b, method), lambda b: self._stream(b, method))
+
+    async def _admit(self, context: grpc.aio.ServicerContext[Any, Any], method: str) -> None:
+        """Name the caller, or refuse the call (UNAUTHENTICATED)."""
+        subject = self.subject(bearer(context.invocation_metadata())) if self.tokens else ""
         if subject is None:
-            log.info("refused %s: %s", details.method, REFUSED)
-            return rewrap(handler, lambda _: _refuse_unary, lambda _: _refuse_stream)
-        return rewrap(
-            handler, lambda b: _named_unary(b, subject), lambda b: _named_stream(b, subject)
-        )
-
-
-async def _refuse_unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-    await context.abort(grpc.StatusCode.UNAUTHENTICATED, REFUSED, with_request_id())
-
-
-async def _refuse_stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-    await context.abort(grpc.StatusCode.UNAUTHENTICATED, REFUSED, with_request_id())
-    yield  # pragma: no cover - makes this an async generator, as stream handlers are
-
-
-def _named_unary(behavior: Unary, subject: str) -> Unary:
-    async def run(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            log.info("refused %s: %s", method, REFUSED)
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, REFUSED, with_request_id())
         CALLER.set(subject or _certificate_name(context))
-        return await behavior(request, context)
 
-    return run
+    def _unary(self, behavior: Unary, method: str) -> Unary:
+        async def run(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            await self._admit(context, method)
+            return await behavior(request, context)
 
+        return run
 
-def _named_stream(behavior: Stream, subject: str) -> Stream:
-    async def run(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-        CALLER.set(subject or _certificate_name(context))
-        async for item in behavior(request, context):
-            yield item
+    def _stream(self, behavior: Stream, method: str) -> Stream:
+        async def run(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            await self._admit(context, method)
+            async for item in behavior(request, context):
+                yield item
 
-    return run
+        return run

@@ -232,31 +232,18 @@ class _Series:
         self.handling.observe(time.perf_counter() - began)
 
 
-class MetricsInterceptor(grpc.aio.ServerInterceptor):
+class MetricsInterceptor(WrapOnce):
     """grpc_server_started/handled/handling_seconds, counting aborted and cancelled RPCs too."""
 
     def __init__(self, metrics: Metrics) -> None:
+        super().__init__()
         self.metrics = metrics
-        self._series: dict[tuple[str, str], _Series] = {}
 
     def series(self, method: str, rpc_type: str) -> _Series:
-        found = self._series.get((method, rpc_type))
-        if found is None:
-            service, name = split_method(method)
-            found = self._series[(method, rpc_type)] = _Series(
-                self.metrics, (service, name, rpc_type)
-            )
-        return found
+        service, name = split_method(method)
+        return _Series(self.metrics, (service, name, rpc_type))
 
-    async def intercept_service(
-        self,
-        continuation: Continuation,
-        details: grpc.HandlerCallDetails,
-    ) -> Handler | None:
-        handler = await continuation(details)
-        if handler is None:
-            return None
-        method = details.method
+    def wrap(self, method: str, handler: Handler) -> Handler:
         return rewrap(
             handler,
             lambda b: self._unary(b, self.series(method, "unary")),
