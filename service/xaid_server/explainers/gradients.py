@@ -164,13 +164,11 @@ def tune_chunk(model: LoadedModel, session: ort.InferenceSession) -> None:
     model.chunks[key] = measured[0]
     lane_session = model.lane_session(key)
     count = model.factory.lane_count
-    lane = (
-        None
-        if lane_session is None
-        else fastest_chunk(lane_session, feeds, measured[0], side_by_side=count)
-    )
-    if lane_session is not None and lane is not None:
-        model.lanes[key] = Lanes(lane_session, count, lane[0])
+    lane = None
+    if lane_session is not None:
+        lane = fastest_chunk(lane_session, feeds, measured[0], side_by_side=count)
+        if lane is not None:
+            model.lanes[key] = Lanes(lane_session, count, lane[0])
     log.info(
         "%s %s: gradient chunks of %d rows (%.2f ms per row)%s",
         model.name,
