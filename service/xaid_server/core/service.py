@@ -58,6 +58,12 @@ class Core:
         self.metrics = metrics
         self.executor = executor
         self.audit = audit
+        #: What shapes a computation, as every record states it (a replay takes these).
+        self._recorded_settings = {
+            "max_chunk_bytes": settings.max_chunk_bytes,
+            "max_evaluations": settings.max_evaluations,
+            "intra_op_threads": settings.intra_op_threads,
+        }
         self.runner = BatchRunner(settings.max_chunk_bytes)
         self.batchers = Batchers(
             executor,
@@ -114,19 +120,7 @@ class Core:
     # ---- Audit ----
 
     def _trail(self, kind: str, model: str, version: str, image: bytes, text: list[str]) -> Trail:
-        s = self.settings
-        return Trail(
-            kind,
-            model,
-            version,
-            image=image,
-            text=text,
-            settings={
-                "max_chunk_bytes": s.max_chunk_bytes,
-                "max_evaluations": s.max_evaluations,
-                "intra_op_threads": s.intra_op_threads,
-            },
-        )
+        return Trail(kind, model, version, image=image, text=text, settings=self._recorded_settings)
 
     async def _audited(self, trail: Trail, work: Awaitable[T], done: Callable[[T], Record]) -> T:
         """Run `work` and record how it ended; fail-closed, answer once the record is durable."""
