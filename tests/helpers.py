@@ -46,12 +46,13 @@ def load(
     proto: onnx.ModelProto | bytes,
     config: ModelConfig | None = None,
     name: str = "model",
+    factory: SessionFactory = CPU,
 ) -> LoadedModel:
-    """Write the model into a repository-like folder and load it on the CPU."""
+    """Write the model into a repository-like folder and load it (on the CPU by default)."""
     path = tmp_path / name / "1" / "model.onnx"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(proto if isinstance(proto, bytes) else proto.SerializeToString())
-    return load_model(name, "1", path, config or ModelConfig(), CPU)
+    return load_model(name, "1", path, config or ModelConfig(), factory)
 
 
 def target_scores(model: LoadedModel, x: np.ndarray, output: str = "") -> np.ndarray:

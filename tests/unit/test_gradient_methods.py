@@ -25,7 +25,7 @@ from xaid_server.explainers.integrated_gradients import (
 from xaid_server.explainers.saliency import SaliencyExplainer
 from xaid_server.explainers.smoothgrad import SmoothGradExplainer, noisy_copies
 from xaid_server.model_config import ModelConfig, load_config
-from xaid_server.runtime.model import LoadedModel, SessionFactory, load_model
+from xaid_server.runtime.model import LoadedModel, SessionFactory
 from xaid_server.runtime.runner import Job
 
 SALIENCY = SaliencyExplainer()
@@ -353,11 +353,9 @@ def test_integrated_gradients_on_cpu_lanes_equal_one_session(
     """With several cores the default gradient graph gets a single-threaded twin whose runs go
     side by side (runner.Lanes); the attributions are those of the session on every core."""
     folder = DEMO / "models" / "shapes"
-    path = tmp_path / "shapes" / "1" / "model.onnx"
-    path.parent.mkdir(parents=True)
-    path.write_bytes((folder / "1" / "model.onnx").read_bytes())
     factory = SessionFactory(("CPUExecutionProvider",), intra_op_threads=threads)
-    model = load_model("shapes", "1", path, load_config(folder / "config.yaml"), factory)
+    data = (folder / "1" / "model.onnx").read_bytes()
+    model = load(tmp_path, data, load_config(folder / "config.yaml"), "shapes", factory)
     IG.prepare(model)
     assert [lane.count for lane in model.lanes.values()] == ([lanes] if lanes else [])
     x = shapes_inputs(model)
