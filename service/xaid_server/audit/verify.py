@@ -26,8 +26,8 @@ class Verdict:
         return self.broken is None and self.triggers
 
 
-def _problem(seq: int, text: str, expected: int, previous: str) -> str | None:
-    """What is wrong with the row at `seq`, or None."""
+def _problem(seq: int, text: str, stored: str, expected: int, previous: str) -> str | None:
+    """What is wrong with the row at `seq` (its body `text`, its hash `stored`), or None."""
     try:
         body = json.loads(text)
     except ValueError:
@@ -38,30 +38,31 @@ def _problem(seq: int, text: str, expected: int, previous: str) -> str | None:
         return f"expected record {expected} here: records were removed or renumbered"
     if body.get("prev_hash") != previous:
         return f"it does not link to record {seq - 1}: that record was changed or replaced"
+    if record_hash(body) != stored:
+        return "its hash does not match its content: the record was changed"
     return None
 
 
 def verify(path: Path) -> Verdict:
     with contextlib.closing(store.open_readonly(path)) as connection:
-        triggers = {
+        names = {
             row[0]
             for row in connection.execute("SELECT name FROM sqlite_master WHERE type='trigger'")
         }
+        triggers = set(store.TRIGGERS) <= names
         head = store.Link()
         try:
             for seq, stored, text in connection.execute(
                 "SELECT seq, hash, body FROM records ORDER BY seq"
             ):
-                problem = _problem(seq, text, head.seq + 1, head.hash)
-                if problem is None and record_hash(_loads(text)) != stored:
-                    problem = "its hash does not match its content: the record was changed"
+                problem = _problem(seq, text, stored, head.seq + 1, head.hash)
                 if problem is not None:
-                    return Verdict(head.seq, head, seq, problem, set(store.TRIGGERS) <= triggers)
+                    return Verdict(head.seq, head, seq, problem, triggers)
                 head = store.Link(seq, stored)
         except sqlite3.DatabaseError as exc:
             reason = f"the file is damaged after record {head.seq}: {exc}"
-            return Verdict(head.seq, head, head.seq + 1, reason, set(store.TRIGGERS) <= triggers)
-    return Verdict(head.seq, head, triggers=set(store.TRIGGERS) <= triggers)
+            return Verdict(head.seq, head, head.seq + 1, reason, triggers)
+    return Verdict(head.seq, head, triggers=triggers)
 
 
 def _loads(text: str) -> dict[str, Any]:
